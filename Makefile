@@ -1,0 +1,27 @@
+# Two commands on a fresh machine with Python 3 and make: `make demo`, `make test`.
+# Each builds the .venv it needs (idempotent: a stamp file records a finished install).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.autoshard-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and exact: a CPU wheel is available locally; an unpinned torch pulls CUDA packages.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m autoshard.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/capture_time.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,22 @@
+"""autoshard: an auto-parallelizing compiler for PyTorch.
+
+A single-device nn.Module is captured as a shape-annotated graph (capture/), its sharding options are
+priced by a hardware cost model (cost_model/, strategies/), an ILP picks a plan (solver/), and codegen
+(passes/) with the runtime (runtime/) runs it as distributed PyTorch; report/ shows what was chosen.
+"""
+
+from autoshard.capture import capture
+from autoshard.errors import AutoshardError, CaptureError, InputError
+from autoshard.ir import GraphIR, NodeInfo, ParamInfo, TensorMeta
+
+__all__ = [
+    "AutoshardError",
+    "CaptureError",
+    "GraphIR",
+    "InputError",
+    "NodeInfo",
+    "ParamInfo",
+    "TensorMeta",
+    "capture",
+]
+__version__ = "0.1.0"

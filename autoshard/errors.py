@@ -1,0 +1,22 @@
+"""The errors autoshard raises for bad input.
+
+Every error is raised where the user's input first enters autoshard and says three things: what was
+expected, what was found, and how to fix it. They all derive from :class:`AutoshardError` so callers can
+catch autoshard's own complaints apart from bugs.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AutoshardError", "CaptureError", "InputError"]
+
+
+class AutoshardError(Exception):
+    """Base class of every error autoshard raises on purpose."""
+
+
+class InputError(AutoshardError, TypeError):
+    """An argument given to autoshard has the wrong kind, shape or value."""
+
+
+class CaptureError(AutoshardError):
+    """torch.export could not capture the model; the message names the module and source line."""
