@@ -121,9 +121,9 @@ class Cluster:
                                  f"{name!r}: {size!r} in {dict(mesh_shape)}; fix that axis.")
         total = math.prod(mesh_shape.values())
         if total != self.num_devices:
-            raise InputError(f"expected the mesh sizes to multiply to the cluster's {self.num_devices} devices "
-                             f"({self}), found {dict(mesh_shape)} = {total} devices; change the mesh or the "
-                             "cluster so they match.")
+            raise InputError(f"expected the mesh sizes to multiply to the cluster's {self.num_devices} "
+                             f"devices ({self}), found {dict(mesh_shape)} = {total} devices; change the mesh "
+                             "or the cluster so they match.")
 
 
 def _groups_inside_nodes(num_devices: int, size: int, stride: int, per_node: int) -> bool:

@@ -80,7 +80,8 @@ class HardwareSpec:
         flops = MappingProxyType({str(k): float(v) for k, v in self.peak_flops.items()})
         object.__setattr__(self, "peak_flops", flops)
         object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
-        if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
+        per_node = self.devices_per_node
+        if isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1:
             raise InputError(f"{where}: expected devices_per_node to be a positive integer, found "
                              f"{self.devices_per_node!r}; fix the profile.")
         if not self.peak_flops:
