@@ -7,6 +7,7 @@ priced by a hardware cost model (cost_model/, strategies/), an ILP picks a plan 
 
 from autoshard.capture import capture
 from autoshard.errors import AutoshardError, CaptureError, InputError
+from autoshard.hints import TensorHint, shard, shardable
 from autoshard.ir import GraphIR, NodeInfo, ParamInfo, TensorMeta
 
 __all__ = [
@@ -16,7 +17,10 @@ __all__ = [
     "InputError",
     "NodeInfo",
     "ParamInfo",
+    "TensorHint",
     "TensorMeta",
     "capture",
+    "shard",
+    "shardable",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ from torch import nn
 from autoshard.capture.build import build_graph_ir
 from autoshard.capture.export import export_model
 from autoshard.capture.inputs import model_device, normalize_inputs
+from autoshard.hints import record_module_names
 from autoshard.ir.graph import GraphIR
 
 __all__ = ["capture"]
@@ -23,5 +24,6 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphIR:
     """
     device = model_device(model)
     args = normalize_inputs(example_inputs, device)
+    record_module_names(model)  # so a hint refused during tracing names its module
     exported = export_model(model, args)
     return build_graph_ir(model, exported)

@@ -25,10 +25,17 @@ def build_graph_ir(model: nn.Module, exported: ExportedProgram) -> GraphIR:
     """Walk the exported graph once, recording shapes, module paths, costs and parameter identities."""
     kinds = _placeholder_kinds(exported)
     params = _param_infos(model, exported)
+    trainable = {n for p in params for n in p.nodes if _is_trainable(model, exported, n)}
+    grads: dict[str, bool] = {}
     nodes: list[NodeInfo] = []
     with NodeCosts() as counter:
         for node in exported.graph.nodes:
-            nodes.append(_node_info(node, kinds, counter))
+            grads[node.name] = node.name in trainable or (
+                node.op == "call_function"
+                and _is_floating(node.meta.get("val"))
+                and any(grads.get(i.name, False) for i in node.all_input_nodes)
+            )
+            nodes.append(_node_info(node, kinds, counter, requires_grad=grads[node.name]))
     return GraphIR(nodes=tuple(nodes), params=params, model_type=type(model).__name__, exported=exported)
 
 
@@ -66,7 +73,22 @@ def _param_infos(model: nn.Module, exported: ExportedProgram) -> tuple[ParamInfo
     )
 
 
-def _node_info(node: Node, kinds: dict[str, NodeKind], counter: NodeCosts) -> NodeInfo:
+def _is_trainable(model: nn.Module, exported: ExportedProgram, node_name: str) -> bool:
+    target = exported.graph_signature.inputs_to_parameters.get(node_name)
+    return target is not None and model.get_parameter(target).requires_grad
+
+
+def _is_floating(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dtype.is_floating_point
+    if isinstance(value, (list, tuple)):
+        return any(_is_floating(v) for v in value)
+    return False
+
+
+def _node_info(
+    node: Node, kinds: dict[str, NodeKind], counter: NodeCosts, *, requires_grad: bool
+) -> NodeInfo:
     inputs = tuple(node.all_input_nodes)
     outputs = _metas(node.meta.get("val")) if node.op != "output" else ()
     module, module_type = _innermost_module(node)
@@ -89,6 +111,7 @@ def _node_info(node: Node, kinds: dict[str, NodeKind], counter: NodeCosts) -> No
         flops=flops,
         bytes_moved=moved,
         is_view=view,
+        requires_grad=requires_grad,
         source=_source(node),
     )
 

@@ -22,9 +22,16 @@ __all__ = ["NodeCosts", "is_view_op", "node_costs"]
 log = logging.getLogger(__name__)
 
 
+# Identity ops that exist only to carry information to the planner (sharding hints): free, like views.
+_ANNOTATIONS = frozenset({"autoshard::shard"})
+
+
 def is_view_op(target: object) -> bool:
-    """True when the op's output aliases its input without writing it (view, transpose, split, ...)."""
+    """True when the op's output aliases its input without writing it (view, transpose, split, ...),
+    or the op is an annotation that codegen removes."""
     if target is operator.getitem:
+        return True
+    if isinstance(target, torch._ops.OpOverload) and target._schema.name in _ANNOTATIONS:
         return True
     if not isinstance(target, torch._ops.OpOverload):
         return False

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from autoshard.errors import CaptureError
+from autoshard.errors import AutoshardError, CaptureError
 
 __all__ = ["export_model"]
 
@@ -24,6 +24,8 @@ def export_model(model: nn.Module, args: tuple[Any, ...]) -> ExportedProgram:
     """torch.export.export(model, args, strict=False), with failures reported at the user's line."""
     try:
         return torch.export.export(model, args, strict=False)
+    except AutoshardError:
+        raise  # our own hints refused something during tracing: that message is already precise
     except Exception as exc:  # noqa: BLE001 - every export failure is re-raised with a location
         raise CaptureError(_explain(model, exc)) from exc
 

@@ -71,6 +71,7 @@ class NodeInfo:
     flops: int  # forward floating-point operations, as torch.utils.flop_counter counts them
     bytes_moved: int  # bytes read plus bytes written; 0 for views
     is_view: bool  # the output aliases an input: no compute, no memory traffic
+    requires_grad: bool = False  # a floating output that depends on a trainable parameter
     source: str = ""  # "file:line" of the user code that created it, when known
 
 
