@@ -1,0 +1,197 @@
+"""Plan: the solver's decision as a plain, JSON-serialisable data object.
+
+A plan names, for every node of the captured graph, the placement of each output and the placement
+each input must arrive in (DTensor vocabulary, written like `S(0),R` with one entry per mesh axis),
+the placement of every parameter, the collectives this implies, and the predicted time and memory.
+It carries the graph's fingerprint so a plan saved for one model is refused for another.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoshard.errors import InputError
+
+__all__ = ["NodeDecision", "Plan", "PlannedCollective", "Prediction", "SolverStats"]
+
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NodeDecision:
+    """What the plan does at one node and what that costs per device."""
+
+    node: str
+    op: str  # "" for parameters and inputs
+    module: str
+    output: tuple[str | None, ...]  # placement of each tensor output
+    inputs: tuple[str | None, ...]  # placement each input must arrive in (None: not a tensor)
+    compute_s: float  # forward + backward compute time of this node
+    comm_s: float  # forward + backward time of the collectives that bring its inputs in
+    memory_bytes: float  # activations it keeps for backward, or a parameter's state
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlannedCollective:
+    """One collective the plan issues per training step."""
+
+    src: str  # producing node (or parameter)
+    dst: str  # consuming node
+    phase: str  # "forward" or "backward"
+    axis: str  # mesh axis it runs over
+    collective: str  # "all_reduce", "all_gather", "reduce_scatter", "all_to_all"
+    full_bytes: int  # the buffer it operates on, unsharded on that axis
+    bytes_per_device: float  # what each device sends
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Prediction:
+    """Predicted cost of one training step on one device."""
+
+    step_time_s: float
+    compute_s: float
+    comm_s: float
+    comm_bytes: float  # bytes each device sends per step
+    parameters_bytes: float
+    gradients_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float
+
+    @property
+    def peak_memory_bytes(self) -> float:
+        return self.parameters_bytes + self.gradients_bytes + self.optimizer_bytes + self.activations_bytes
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SolverStats:
+    status: str  # "optimal", "feasible" (time limit: best found) or "evaluated" (a given strategy)
+    gap: float
+    seconds: float  # solver time
+    total_seconds: float  # capture excluded: options, pricing and solve
+    variables: int
+    constraints: int
+    folded_blocks: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    """A complete sharding plan for one captured model on one cluster and mesh."""
+
+    fingerprint: str
+    model: str
+    cluster: str
+    mesh: Mapping[str, int]
+    optimizer: str
+    memory_limit_bytes: float
+    nodes: tuple[NodeDecision, ...]
+    params: Mapping[str, str]  # canonical parameter name -> placement
+    collectives: tuple[PlannedCollective, ...]
+    predicted: Prediction
+    solver: SolverStats
+    alternatives: tuple[Mapping[str, Any], ...] = ()
+
+    def axis_size(self, axis: str) -> int:
+        return int(self.mesh.get(axis, 1))
+
+    def decision(self, node: str) -> NodeDecision:
+        for d in self.nodes:
+            if d.node == node:
+                return d
+        raise KeyError(f"the plan has no node named {node!r}")
+
+    def summary(self) -> dict[str, Any]:
+        """Headline figures of the plan (per device where it says so)."""
+        p = self.predicted
+        return {
+            "model": self.model,
+            "cluster": self.cluster,
+            "mesh": dict(self.mesh),
+            "dp": self.axis_size("dp"),
+            "tp": self.axis_size("tp"),
+            "step_time_s": p.step_time_s,
+            "compute_s": p.compute_s,
+            "comm_s": p.comm_s,
+            "peak_memory_bytes": p.peak_memory_bytes,
+            "memory_limit_bytes": self.memory_limit_bytes,
+            "comm_bytes": p.comm_bytes,
+            "memory": {
+                "parameters": p.parameters_bytes,
+                "gradients": p.gradients_bytes,
+                "optimizer_state": p.optimizer_bytes,
+                "activations": p.activations_bytes,
+            },
+            "solver": {
+                "status": self.solver.status,
+                "gap": self.solver.gap,
+                "seconds": self.solver.seconds,
+                "total_seconds": self.solver.total_seconds,
+                "variables": self.solver.variables,
+                "constraints": self.solver.constraints,
+                "folded_blocks": dict(self.solver.folded_blocks),
+            },
+        }
+
+    def forward_collectives(self) -> list[PlannedCollective]:
+        """Collectives of the forward pass, in graph order."""
+        return [c for c in self.collectives if c.phase == "forward"]
+
+    def report(self, *, depth: int | None = None) -> str:
+        from autoshard.report.plan_report import plan_report
+
+        return plan_report(self, depth=depth)
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format"] = PLAN_FORMAT
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        if data.get("format") != PLAN_FORMAT:
+            raise InputError(
+                f"plan format {data.get('format')!r} is not supported; expected {PLAN_FORMAT}. "
+                "Re-create the plan with this version of autoshard."
+            )
+        body = {k: v for k, v in data.items() if k != "format"}
+        body["nodes"] = tuple(
+            NodeDecision(**{**d, "output": tuple(d["output"]), "inputs": tuple(d["inputs"])})
+            for d in body["nodes"]
+        )
+        body["collectives"] = tuple(PlannedCollective(**c) for c in body["collectives"])
+        body["predicted"] = Prediction(**body["predicted"])
+        body["solver"] = SolverStats(**body["solver"])
+        body["alternatives"] = tuple(body.get("alternatives", ()))
+        return cls(**body)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, graph: Any | None = None) -> Plan:
+        """Load a saved plan; with `graph` (a GraphIR), refuse a plan made for another model."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"could not read a plan from {path}: {exc}") from exc
+        plan = cls.from_json(data)
+        if graph is not None:
+            plan.check_graph(graph)
+        return plan
+
+    def check_graph(self, graph: Any) -> None:
+        """Refuse to apply this plan to a graph whose fingerprint differs from the one planned."""
+        if graph.fingerprint != self.fingerprint:
+            raise InputError(
+                f"this plan was made for a graph with fingerprint {self.fingerprint} ({self.model}); "
+                f"the given model's graph has fingerprint {graph.fingerprint} ({graph.model_type}). "
+                "A plan only applies to the model and input shapes it was made for: plan again."
+            )

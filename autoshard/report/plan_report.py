@@ -1,0 +1,87 @@
+"""The plan report: per module group, the chosen placements and their compute, communication and
+memory per device, with totals. Repeated blocks are shown once with their count (`x96`)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from autoshard.report.table import format_count, format_table
+
+if TYPE_CHECKING:
+    from autoshard.ir.plan import Plan
+
+__all__ = ["module_pattern", "plan_report"]
+
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def module_pattern(module: str) -> str:
+    """`transformer.h.7.attn` -> `transformer.h.*.attn`: one row stands for every copy of a block."""
+    return _INDEX.sub(".*", module)
+
+
+def plan_report(plan: Plan, *, depth: int | None = None) -> str:
+    """Readable text: a header with the headline figures, then one row per (module group, op)."""
+    groups: dict[tuple[str, str, str], list] = defaultdict(list)
+    for d in plan.nodes:
+        if d.op and d.compute_s == 0 and d.comm_s == 0 and d.memory_bytes == 0:
+            continue  # views and free ops: they follow their input
+        module = module_pattern(d.module) if d.module else "<root>"
+        if depth is not None:
+            module = ".".join(module.split(".")[:depth])
+        placement = " ".join(p for p in d.output if p) or "-"
+        if not d.op:
+            placement = f"{placement}"
+        what = d.op.removeprefix("aten.").rsplit(".", 1)[0] if d.op else "parameter/input"
+        groups[(module, what, placement)].append(d)
+    rows = []
+    for (module, what, placement), ds in groups.items():
+        rows.append(
+            [
+                module,
+                what,
+                placement,
+                f"x{len(ds)}" if len(ds) > 1 else "",
+                _ms(sum(d.compute_s for d in ds)),
+                _ms(sum(d.comm_s for d in ds)),
+                format_count(sum(d.memory_bytes for d in ds), unit="B"),
+            ]
+        )
+    p = plan.predicted
+    rows.append(["total", "", "", "", _ms(p.compute_s), _ms(p.comm_s), format_count(p.peak_memory_bytes, unit="B")])
+    mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    s = plan.solver
+    head = [
+        f"Plan for {plan.model} on {plan.cluster}, mesh {mesh}, optimizer {plan.optimizer}",
+        f"  step time {p.step_time_s * 1e3:.3f} ms (compute {p.compute_s * 1e3:.3f} ms, "
+        f"communication {p.comm_s * 1e3:.3f} ms); sends {format_count(p.comm_bytes, unit='B')} per device",
+        f"  memory per device {format_count(p.peak_memory_bytes, unit='B')} of "
+        f"{format_count(plan.memory_limit_bytes, unit='B')}: parameters "
+        f"{format_count(p.parameters_bytes, unit='B')}, gradients {format_count(p.gradients_bytes, unit='B')}, "
+        f"optimizer {format_count(p.optimizer_bytes, unit='B')}, activations "
+        f"{format_count(p.activations_bytes, unit='B')}",
+        f"  solver {s.status} (gap {s.gap:.2%}) in {s.seconds:.2f} s, {s.variables} variables"
+        + (
+            ", repeated blocks solved once: " + ", ".join(f"{k} x{v}" for k, v in s.folded_blocks.items())
+            if s.folded_blocks
+            else ""
+        ),
+        f"  collectives per step: {_collective_counts(plan)}",
+    ]
+    table = format_table(["module", "op", "placement", "count", "compute", "comm", "memory"], rows)
+    return "\n".join(head) + "\n\n" + table
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms" if seconds else ""
+
+
+def _collective_counts(plan: Plan) -> str:
+    counts: dict[tuple[str, str, str], int] = defaultdict(int)
+    for c in plan.collectives:
+        counts[(c.phase, c.collective, c.axis)] += 1
+    if not counts:
+        return "none"
+    return ", ".join(f"{n} {coll} over {axis} ({phase})" for (phase, coll, axis), n in sorted(counts.items()))

@@ -1,0 +1,406 @@
+"""Plan one captured graph on one mesh: options -> prices -> ILP -> Plan.
+
+Steps, each a function below:
+1. fold identical repeated blocks (blocks.fold_blocks): the ILP sees one block with multiplicity L;
+2. list every unit's options (strategies.node_options) and which of them hints and defaults allow:
+   graph inputs batch-sharded over dp, parameters matching `param_placements`, hint nodes matching
+   their hint;
+3. price options and edges (pricing.Pricer) into an ILP Problem;
+4. solve, then expand the representative choices back to every node and edge of the graph.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.fx import Node
+
+from autoshard.cost_model import Cluster
+from autoshard.errors import InputError
+from autoshard.ir.graph import GraphIR, NodeInfo, NodeKind, ParamInfo, TensorMeta
+from autoshard.ir.plan import NodeDecision, Plan, PlannedCollective, Prediction, SolverStats
+from autoshard.solver.blocks import FoldedGraph, fold_blocks, unit_of
+from autoshard.solver.ilp import solve
+from autoshard.solver.pricing import OptionPrice, Pricer, producer_output_index
+from autoshard.solver.problem import EdgeCosts, NodeChoices, Problem
+from autoshard.strategies import CommStep, MeshSpec, ShardingOption, Spec, node_options, spec_str
+
+__all__ = ["plan_on_mesh"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Unit:
+    """One ILP node: a computation, a graph input, or a parameter (all its tied placeholders)."""
+
+    name: str
+    info: NodeInfo  # the (first) graph node of the unit
+    param: ParamInfo | None
+    options: tuple[ShardingOption, ...]
+    prices: tuple[OptionPrice, ...]
+    output_costs: tuple[float, ...]  # bringing a graph output to Replicate, per option
+    allowed: frozenset[int] | None
+
+
+def plan_on_mesh(
+    ir: GraphIR,
+    cluster: Cluster,
+    mesh: MeshSpec,
+    *,
+    optimizer: str = "adamw",
+    memory_limit: float | None = None,
+    param_placements: Mapping[str, Sequence[Placement]] | None = None,
+    hints: Mapping[str, object] | None = None,
+    fold: bool = True,
+    time_limit_s: float = 30.0,
+) -> Plan:
+    """The cheapest plan for `ir` on `mesh` that fits `memory_limit` bytes per device."""
+    if ir.exported is None:
+        raise InputError("this GraphIR has no exported program; capture the model with autoshard.capture")
+    start = time.perf_counter()
+    limit = float(memory_limit if memory_limit is not None else cluster.hardware.hbm_bytes)
+    pricer = Pricer(cluster=cluster, mesh=mesh, optimizer=optimizer)
+    fx_nodes = {n.name: n for n in ir.exported.graph.nodes}
+    folded = fold_blocks(ir, fold=fold)
+    units = _units(ir, folded, fx_nodes, pricer, mesh, param_placements or {}, hints or {})
+    edges = _edges(ir, folded, units, fx_nodes, pricer)
+    problem = Problem(
+        nodes=tuple(
+            NodeChoices(
+                name=u.name,
+                costs=tuple(p.compute_s + o for p, o in zip(u.prices, u.output_costs)),
+                memory=tuple(p.memory_bytes for p in u.prices),
+                multiplicity=folded.multiplicity[u.name],
+                allowed=u.allowed,
+            )
+            for u in units.values()
+        ),
+        edges=tuple(
+            EdgeCosts(src=src, dst=dst, costs=matrix, multiplicity=m) for (src, dst, m), matrix in edges
+        ),
+        memory_limit=limit,
+    )
+    solution = solve(problem, time_limit_s=time_limit_s)
+    choice = {name: units[name].options[i] for name, i in solution.choices.items()}
+    return _expand(
+        ir,
+        cluster,
+        mesh,
+        optimizer,
+        limit,
+        folded,
+        units,
+        choice,
+        fx_nodes,
+        pricer,
+        stats=SolverStats(
+            status=solution.status,
+            gap=solution.gap,
+            seconds=solution.seconds,
+            total_seconds=time.perf_counter() - start,
+            variables=solution.num_variables,
+            constraints=solution.num_constraints,
+            folded_blocks=dict(folded.blocks),
+        ),
+    )
+
+
+# ---- units and their options -------------------------------------------------------------------
+
+
+def _units(
+    ir: GraphIR,
+    folded: FoldedGraph,
+    fx_nodes: Mapping[str, Node],
+    pricer: Pricer,
+    mesh: MeshSpec,
+    param_placements: Mapping[str, Sequence[Placement]],
+    hints: Mapping[str, object],
+) -> dict[str, _Unit]:
+    params = {p.name: p for p in ir.params}
+    first_node: dict[str, NodeInfo] = {}
+    unit_names = unit_of(ir)
+    for node in ir.nodes:
+        if node.name in unit_names:
+            first_node.setdefault(unit_names[node.name], node)
+    output_sources = _graph_output_sources(ir)
+    units: dict[str, _Unit] = {}
+    for name in folded.units:
+        info = first_node[name]
+        param = params.get(name)
+        options = tuple(node_options(fx_nodes[info.name], mesh))
+        if param is not None:
+            trainable = info.requires_grad
+            prices = tuple(pricer.parameter(param.meta, o.output[0], trainable=trainable) for o in options)
+            allowed = _param_allowed(param, options, param_placements, mesh)
+        else:
+            prices = tuple(pricer.computation(info, o) for o in options)
+            allowed = None
+            if info.kind is NodeKind.INPUT:
+                allowed = _input_allowed(info, options, mesh)
+            elif info.name in hints:
+                allowed = _hint_allowed(info, options, hints[info.name], mesh)
+        output_costs = tuple(
+            _to_replicate_cost(pricer, info, o) if info.name in output_sources else 0.0 for o in options
+        )
+        units[name] = _Unit(
+            name=name,
+            info=info,
+            param=param,
+            options=options,
+            prices=prices,
+            output_costs=output_costs,
+            allowed=allowed,
+        )
+    return units
+
+
+def _graph_output_sources(ir: GraphIR) -> set[str]:
+    return {src for n in ir.nodes if n.kind is NodeKind.OUTPUT for src in n.inputs}
+
+
+def _to_replicate_cost(pricer: Pricer, info: NodeInfo, option: ShardingOption) -> float:
+    """A graph output is returned whole on every rank, as the single-device model returns it."""
+    total = 0.0
+    for meta, spec in zip(info.outputs, option.output):
+        if spec is None:
+            continue
+        price = pricer.edge(meta, spec, (Replicate(),) * pricer.mesh.ndim, None, requires_grad=False)
+        total += price.seconds
+    return total
+
+
+def _input_allowed(info: NodeInfo, options: Sequence[ShardingOption], mesh: MeshSpec) -> frozenset[int]:
+    """Graph inputs are split along the batch (dim 0) over dp and replicated on every other axis;
+    inputs the dp axis does not divide, and scalars, stay replicated."""
+    rank = len(info.outputs[0].shape) if info.outputs else 0
+    wanted = tuple(
+        Shard(0) if axis == "dp" and rank > 0 and info.outputs[0].shape[0] % size == 0 else Replicate()
+        for axis, size in mesh.axes
+    )
+    replicated = tuple(Replicate() for _ in mesh.axes)
+    for target in (wanted, replicated):
+        found = frozenset(i for i, o in enumerate(options) if tuple(o.output[0]) == target)
+        if found:
+            return found
+    raise InputError(f"graph input {info.name} has no replicated option on mesh {mesh}")
+
+
+def _param_allowed(
+    param: ParamInfo,
+    options: Sequence[ShardingOption],
+    fixed: Mapping[str, Sequence[Placement]],
+    mesh: MeshSpec,
+) -> frozenset[int] | None:
+    """A manual strategy fixes parameters by name pattern (fnmatch, e.g. `*.c_attn.weight`)."""
+    for pattern, spec in fixed.items():
+        if any(fnmatch.fnmatchcase(n, pattern) for n in param.names):
+            wanted = tuple(spec)
+            found = frozenset(i for i, o in enumerate(options) if tuple(o.output[0]) == wanted)
+            if not found:
+                raise InputError(
+                    f"parameter {param.name} of shape {param.meta.shape} cannot take placement "
+                    f"{spec_str(wanted)} on mesh {mesh} (pattern {pattern!r}); expected one of "
+                    f"{', '.join(spec_str(o.output[0]) for o in options)}"
+                )
+            return found
+    return None
+
+
+def _hint_allowed(
+    info: NodeInfo, options: Sequence[ShardingOption], hint: object, mesh: MeshSpec
+) -> frozenset[int]:
+    """Options whose output shards each tensor dim over exactly the axes one reading of the hint names."""
+    where = f"the sharding hint at {info.source or info.module or info.name}"
+    hint.check_mesh(dict(mesh.axes), info.outputs[0].shape, where)  # type: ignore[attr-defined]
+    assignments = hint.axis_assignments(dict(mesh.axes))  # type: ignore[attr-defined]
+    ndim = len(info.outputs[0].shape)
+    found = frozenset(
+        i for i, o in enumerate(options) if _dims_to_axes(o.output[0], ndim, mesh) in set(assignments)
+    )
+    if not found:
+        raise InputError(
+            f"the sharding hint {hint} on node {info.name} ({info.source or info.module}) cannot hold on "
+            f"mesh {mesh}: no sharding option of this op produces it"
+        )
+    return found
+
+
+def _dims_to_axes(spec: Sequence[Placement] | None, ndim: int, mesh: MeshSpec) -> tuple[tuple[str, ...], ...]:
+    per_dim: list[list[str]] = [[] for _ in range(ndim)]
+    for axis, p in zip(mesh.names, spec or ()):
+        if isinstance(p, Shard):
+            per_dim[p.dim % ndim].append(axis)
+    return tuple(tuple(a) for a in per_dim)
+
+
+# ---- edges ---------------------------------------------------------------------------------------
+
+
+def _edges(
+    ir: GraphIR,
+    folded: FoldedGraph,
+    units: Mapping[str, _Unit],
+    fx_nodes: Mapping[str, Node],
+    pricer: Pricer,
+) -> list[tuple[tuple[str, str, int], tuple[tuple[float, ...], ...]]]:
+    out = []
+    for e in folded.edges:
+        src, dst = units[e.src], units[e.dst]
+        consumer = fx_nodes[dst.info.name]
+        index = producer_output_index(consumer, e.slot)
+        meta = src.info.outputs[index]
+        grad = src.info.requires_grad
+        bucketed = src.param is not None
+        matrix = tuple(
+            tuple(
+                _edge_seconds(pricer, meta, so.output[index], do, e.slot, grad, bucketed)
+                for do in dst.options
+            )
+            for so in src.options
+        )
+        out.append(((e.src, e.dst, e.multiplicity), matrix))
+    return out
+
+
+def _edge_seconds(
+    pricer: Pricer,
+    meta: TensorMeta,
+    src_spec: Spec | None,
+    dst_option: ShardingOption,
+    slot: int,
+    grad: bool,
+    bucketed: bool,
+) -> float:
+    dst_spec = dst_option.inputs[slot] if slot < len(dst_option.inputs) else None
+    consumer_output = dst_option.output[0] if dst_option.output else None
+    return pricer.edge(meta, src_spec, dst_spec, consumer_output, requires_grad=grad, bucketed=bucketed).seconds
+
+
+# ---- from representative choices to a plan of the whole graph ----------------------------------
+
+
+def _expand(
+    ir: GraphIR,
+    cluster: Cluster,
+    mesh: MeshSpec,
+    optimizer: str,
+    limit: float,
+    folded: FoldedGraph,
+    units: Mapping[str, _Unit],
+    choice: Mapping[str, ShardingOption],
+    fx_nodes: Mapping[str, Node],
+    pricer: Pricer,
+    *,
+    stats: SolverStats,
+) -> Plan:
+    unit_names = unit_of(ir)
+    rep_of = {n: folded.representative[u] for n, u in unit_names.items()}
+    infos = {n.name: n for n in ir.nodes}
+    decisions: list[NodeDecision] = []
+    collectives: list[PlannedCollective] = []
+    comm_s = 0.0
+    comm_bytes = 0.0
+    param_bytes = grad_bytes = opt_bytes = act_bytes = 0.0
+    compute_s = 0.0
+    seen_params: set[str] = set()
+    params: dict[str, str] = {}
+    for node in ir.nodes:
+        if node.kind is NodeKind.OUTPUT or node.name not in rep_of:
+            continue
+        unit = units[rep_of[node.name]]
+        option = choice[unit.name]
+        price = unit.prices[unit.options.index(option)]
+        node_comm = 0.0
+        for slot, src_name in enumerate(node.inputs):
+            src_unit = units[rep_of[src_name]]
+            src_option = choice[src_unit.name]
+            index = producer_output_index(fx_nodes[node.name], slot)
+            edge = pricer.edge(
+                infos[src_name].outputs[index] if src_unit.param is None else src_unit.param.meta,
+                src_option.output[index],
+                option.inputs[slot] if slot < len(option.inputs) else None,
+                option.output[0] if option.output else None,
+                requires_grad=src_unit.info.requires_grad,
+                bucketed=src_unit.param is not None,
+            )
+            node_comm += edge.seconds
+            comm_bytes += edge.bytes_per_device
+            collectives.extend(_planned(pricer, src_name, node.name, "forward", edge.forward, bucketed=False))
+            collectives.extend(
+                _planned(pricer, src_name, node.name, "backward", edge.backward, bucketed=src_unit.param is not None)
+            )
+        output_s = unit.output_costs[unit.options.index(option)]
+        if output_s:
+            for meta, spec in zip(node.outputs, option.output):
+                if spec is not None:
+                    steps = pricer.edge(meta, spec, (Replicate(),) * mesh.ndim, None, requires_grad=False).forward
+                    collectives.extend(_planned(pricer, node.name, "output", "forward", steps, bucketed=False))
+        comm_s += node_comm + output_s
+        first_copy = unit.param is None or unit.param.name not in seen_params
+        if unit.param is not None:
+            params[unit.param.name] = spec_str(option.output[0])
+            seen_params.add(unit.param.name)
+        if first_copy:
+            compute_s += price.compute_s
+            param_bytes += price.parameter_bytes
+            grad_bytes += price.gradient_bytes
+            opt_bytes += price.optimizer_bytes
+            act_bytes += price.activation_bytes
+        decisions.append(
+            NodeDecision(
+                node=node.name,
+                op=node.op,
+                module=node.module if unit.param is None else unit.param.name.rsplit(".", 1)[0],
+                output=tuple(spec_str(s) if s is not None else None for s in option.output),
+                inputs=tuple(spec_str(s) if s is not None else None for s in option.inputs),
+                compute_s=price.compute_s if first_copy else 0.0,
+                comm_s=node_comm + output_s,
+                memory_bytes=price.memory_bytes if first_copy else 0.0,
+            )
+        )
+    predicted = Prediction(
+        step_time_s=compute_s + comm_s,
+        compute_s=compute_s,
+        comm_s=comm_s,
+        comm_bytes=comm_bytes,
+        parameters_bytes=param_bytes,
+        gradients_bytes=grad_bytes,
+        optimizer_bytes=opt_bytes,
+        activations_bytes=act_bytes,
+    )
+    return Plan(
+        fingerprint=ir.fingerprint,
+        model=ir.model_type,
+        cluster=str(cluster),
+        mesh=dict(mesh.axes),
+        optimizer=optimizer,
+        memory_limit_bytes=limit,
+        nodes=tuple(decisions),
+        params=params,
+        collectives=tuple(collectives),
+        predicted=predicted,
+        solver=stats,
+    )
+
+
+def _planned(
+    pricer: Pricer, src: str, dst: str, phase: str, steps: Sequence[CommStep], *, bucketed: bool
+) -> list[PlannedCollective]:
+    return [
+        PlannedCollective(
+            src=src,
+            dst=dst,
+            phase=phase,
+            axis=step.axis,
+            collective=step.collective,
+            full_bytes=int(step.full_bytes),
+            bytes_per_device=pricer.step_bytes(step),
+            seconds=pricer.step_seconds(step, bucketed=bucketed),
+        )
+        for step in steps
+        if step.collective != "local"
+    ]

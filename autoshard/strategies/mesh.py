@@ -1,0 +1,195 @@
+"""The logical device mesh and per-tensor placements the planner reasons about.
+
+A plan never needs real devices: a `MeshSpec` is only named axis sizes. Placements reuse DTensor's own
+classes (`Shard`, `Replicate`, `Partial`) so that a chosen plan can be handed to DTensor / the runtime
+without translation, and so that options read from DTensor's strategy registry need no conversion.
+A `Spec` is one placement per mesh axis, in mesh-axis order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+from torch.distributed.tensor import Partial, Placement, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+
+__all__ = [
+    "MeshSpec",
+    "Partial",
+    "Placement",
+    "Replicate",
+    "Shard",
+    "Spec",
+    "all_specs",
+    "is_even",
+    "local_shape",
+    "normalize_spec",
+    "placement_from_json",
+    "placement_to_json",
+    "spec_from_json",
+    "spec_str",
+    "spec_to_json",
+]
+
+Spec = tuple[Placement, ...]  # one placement per mesh axis, in MeshSpec axis order
+
+# The only Partial reductions the planner keeps: linear reductions that an all-reduce / reduce-scatter
+# implements. P(max)/P(min) (pointwise ops) and `_MaskPartial` (vocab-parallel embedding) are dropped.
+PARTIAL_OPS = ("sum", "avg")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MeshSpec:
+    """An ordered, named logical device mesh, e.g. `MeshSpec.of({"dp": 2, "tp": 4})` (tp innermost)."""
+
+    axes: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        names = [n for n, _ in self.axes]
+        if not self.axes:
+            raise ValueError("a MeshSpec needs at least one axis")
+        if len(set(names)) != len(names):
+            raise ValueError(f"mesh axis names must be unique, found {names}")
+        for name, size in self.axes:
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"mesh axis {name!r} has size {size!r}; sizes must be positive ints")
+
+    @classmethod
+    def of(cls, axes: Mapping[str, int] | Iterable[tuple[str, int]]) -> MeshSpec:
+        """Build from `{"dp": 2, "tp": 4}` (insertion order is axis order) or `[("dp", 2), ("tp", 4)]`."""
+        items = axes.items() if isinstance(axes, Mapping) else axes
+        return cls(axes=tuple((str(n), int(s)) for n, s in items))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.axes)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(s for _, s in self.axes)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.axes)
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.sizes)
+
+    def size(self, axis: str | int) -> int:
+        """Size of one axis, by name or index."""
+        return self.sizes[self.index(axis)]
+
+    def index(self, axis: str | int) -> int:
+        """Position of an axis given by name (or already an index)."""
+        if isinstance(axis, int):
+            if not -self.ndim <= axis < self.ndim:
+                raise IndexError(f"mesh axis index {axis} out of range for {self}")
+            return axis % self.ndim
+        try:
+            return self.names.index(axis)
+        except ValueError:
+            raise KeyError(f"no mesh axis named {axis!r}; axes are {self.names}") from None
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(f"{n}={s}" for n, s in self.axes) + "}"
+
+
+def normalize_spec(spec: Sequence[Placement], ndim: int) -> Spec:
+    """`spec` as a tuple with negative Shard dims made non-negative for a tensor of `ndim` dims."""
+    return tuple(Shard(p.dim % ndim) if isinstance(p, Shard) and p.dim < 0 else p for p in spec)
+
+
+def _placement_str(p: Placement) -> str:
+    if isinstance(p, _StridedShard):
+        return f"SS({p.dim},{p.split_factor})"
+    if isinstance(p, Shard):
+        return f"S({p.dim})"
+    if isinstance(p, Replicate):
+        return "R"
+    if isinstance(p, Partial):
+        name = "P" if type(p) is Partial else type(p).__name__
+        return name if p.reduce_op == "sum" else f"{name}({p.reduce_op})"
+    return repr(p)
+
+
+def spec_str(spec: Sequence[Placement] | None) -> str:
+    """Short form, e.g. `(S(0), R)`, `(P, S(1))`, `(P(avg),)`; `-` for None."""
+    if spec is None:
+        return "-"
+    return "(" + ", ".join(_placement_str(p) for p in spec) + ("," if len(spec) == 1 else "") + ")"
+
+
+def placement_to_json(p: Placement) -> dict[str, Any]:
+    """{"type": "shard", "dim": d} | {"type": "replicate"} | {"type": "partial", "reduce_op": op}."""
+    if isinstance(p, Shard) and type(p) is Shard:
+        return {"type": "shard", "dim": p.dim}
+    if isinstance(p, _StridedShard):
+        return {"type": "strided_shard", "dim": p.dim, "split_factor": p.split_factor}
+    if isinstance(p, Replicate):
+        return {"type": "replicate"}
+    if type(p) is Partial:
+        return {"type": "partial", "reduce_op": p.reduce_op}
+    raise ValueError(f"placement {p!r} has no JSON form: plans use only Shard, Replicate and Partial")
+
+
+def placement_from_json(obj: Mapping[str, Any]) -> Placement:
+    kind = obj.get("type")
+    if kind == "shard":
+        return Shard(int(obj["dim"]))
+    if kind == "strided_shard":
+        return _StridedShard(int(obj["dim"]), split_factor=int(obj["split_factor"]))
+    if kind == "replicate":
+        return Replicate()
+    if kind == "partial":
+        return Partial(str(obj.get("reduce_op", "sum")))
+    raise ValueError(f"unknown placement JSON {dict(obj)!r}; expected type shard, replicate or partial")
+
+
+def spec_to_json(spec: Sequence[Placement]) -> list[dict[str, Any]]:
+    return [placement_to_json(p) for p in spec]
+
+
+def spec_from_json(obj: Sequence[Mapping[str, Any]]) -> Spec:
+    return tuple(placement_from_json(p) for p in obj)
+
+
+def local_shape(shape: Sequence[int], spec: Sequence[Placement], mesh: MeshSpec) -> tuple[int, ...] | None:
+    """Per-device shape under `spec` with even sharding, or None when some sharded dim does not divide.
+
+    A tensor dim sharded on several mesh axes is split by the product of their sizes (nested sharding).
+    """
+    out = list(shape)
+    for p, n in zip(spec, mesh.sizes, strict=True):
+        if isinstance(p, Shard):
+            d = p.dim % len(shape) if shape else p.dim
+            if d >= len(shape) or out[d] % n:
+                return None
+            out[d] //= n
+    return tuple(out)
+
+
+def is_even(shape: Sequence[int], spec: Sequence[Placement], mesh: MeshSpec) -> bool:
+    """True when every sharded dim of `shape` is divisible by the product of its mesh-axis sizes."""
+    return local_shape(shape, spec, mesh) is not None
+
+
+def all_specs(
+    shape: Sequence[int], mesh: MeshSpec, *, partial: bool = False
+) -> Iterator[Spec]:
+    """Every evenly sharded spec of R / S(d) per axis (plus P(sum), P(avg) with `partial`), R first.
+
+    Combinations that mix P(sum) and P(avg) on different axes are left out: they are legal in DTensor but
+    no producer in a training graph needs them and they double the candidate count.
+    """
+    per_axis: list[Placement] = [Replicate(), *(Shard(d) for d in range(len(shape)))]
+    if partial:
+        per_axis += [Partial(op) for op in PARTIAL_OPS]
+    for spec in product(per_axis, repeat=mesh.ndim):
+        ops = {p.reduce_op for p in spec if isinstance(p, Partial)}
+        if len(ops) <= 1 and is_even(shape, spec, mesh):
+            yield spec

@@ -1,0 +1,166 @@
+"""The collectives that move a tensor from one placement to another, forward and for its gradient.
+
+`transition` asks DTensor's own redistribution planner (`_gen_transform_infos`, via `_dtensor`) which
+steps it would run, so the planner prices exactly what the runtime will do; the planner then prices the
+steps with its own hardware model (DTensor's `redistribute_cost` is not used).
+
+Impossible transitions return None (not an exception): a Shard cannot become a Partial, and one
+Partial reduction cannot become another (P(sum) -> P(avg)). A solver can treat None as "no edge".
+Replicate -> Partial is possible and free (DTensor keeps the value on one rank and zeros elsewhere,
+or keeps it everywhere for avg).
+
+Byte convention (`CommStep.full_bytes`): the size of the buffer that is whole on the step's mesh axis,
+i.e. the tensor with the shardings of the OTHER axes at that step applied: the all-gather output, the
+reduce-scatter input, the all-reduce buffer, the all-to-all buffer (all ranks' pieces together).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from autoshard.strategies import _dtensor
+from autoshard.strategies.fused_split import as_plain, has_strided, is_sharded
+from autoshard.strategies.mesh import MeshSpec, Partial, Placement, Replicate, Shard, Spec, normalize_spec
+
+__all__ = ["COLLECTIVES", "CommStep", "backward_transition", "gradient_is_partial", "gradient_spec", "transition"]
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "local")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CommStep:
+    """One step of a redistribution: a collective over one mesh axis (or a free local op)."""
+
+    axis: str
+    collective: str  # one of COLLECTIVES; "local" is a free chunk, zeroing or no-op
+    full_bytes: int  # bytes of the buffer whole on `axis` at this step (see the module docstring)
+
+
+def _kind(src: Placement, dst: Placement) -> str:
+    if isinstance(src, Partial) and isinstance(dst, Replicate):
+        return "all_reduce"
+    if isinstance(src, Partial) and isinstance(dst, Shard):
+        return "reduce_scatter"
+    if isinstance(src, Shard) and isinstance(dst, Replicate):
+        return "all_gather"
+    if isinstance(src, Shard) and isinstance(dst, Shard):
+        return "all_to_all"
+    return "local"
+
+
+def _possible(src: Spec, dst: Spec) -> bool:
+    for s, d in zip(src, dst, strict=True):
+        if isinstance(d, Partial) and s != d and not isinstance(s, Replicate):
+            return False  # S -> P, or P(sum) -> P(avg): no collective produces it
+    return True
+
+
+def transition(
+    src: Sequence[Placement], dst: Sequence[Placement], shape: tuple[int, ...], itemsize: int, mesh: MeshSpec
+) -> tuple[CommStep, ...] | None:
+    """DTensor's collectives to turn a tensor of logical `shape` from `src` into `dst`; () if equal.
+
+    Returns None when no redistribution exists (S -> P, P(a) -> P(b)). Cached.
+    """
+    if len(src) != mesh.ndim or len(dst) != mesh.ndim:
+        raise ValueError(f"specs {src} -> {dst} do not have one placement per axis of {mesh}")
+    if has_strided(src) or has_strided(dst):
+        return _strided_transition(tuple(src), tuple(dst), shape, itemsize, mesh)
+    return _transition(normalize_spec(tuple(src), len(shape)), normalize_spec(tuple(dst), len(shape)),
+                       tuple(int(s) for s in shape), int(itemsize), mesh)
+
+
+@functools.lru_cache(maxsize=65536)
+def _transition(src: Spec, dst: Spec, shape: tuple[int, ...], itemsize: int, mesh: MeshSpec) -> tuple[CommStep, ...] | None:
+    if src == dst:
+        return ()
+    if not _possible(src, dst):
+        return None
+    # dtype only enters DTensor's plan through its size; bytes are computed here from `itemsize`
+    steps = _dtensor.transform_steps(src, dst, shape, torch.float32, mesh.sizes, mesh.names)
+    return tuple(
+        CommStep(axis=mesh.names[dim], collective=_kind(a, b), full_bytes=math.prod(logical) * itemsize)
+        for dim, a, b, logical in steps
+    )
+
+
+def _strided_transition(
+    src: Spec, dst: Spec, shape: tuple[int, ...], itemsize: int, mesh: MeshSpec
+) -> tuple[CommStep, ...] | None:
+    """Price a move involving _StridedShard as the same move of Shard (same bytes per rank), except that
+    a strided and a plain layout of one dim are different orders of the data: go through Replicate."""
+    if src == dst:
+        return ()
+    mixed = any(
+        s != d and is_sharded(s) and is_sharded(d) and (isinstance(s, _StridedShard) or isinstance(d, _StridedShard))
+        for s, d in zip(src, dst)
+    )
+    if not mixed:
+        return transition(as_plain(src), as_plain(dst), shape, itemsize, mesh)
+    replicated = tuple(Replicate() for _ in src)
+    up = transition(as_plain(src), replicated, shape, itemsize, mesh)
+    down = transition(replicated, as_plain(dst), shape, itemsize, mesh)
+    return None if up is None or down is None else (*up, *down)
+
+
+def gradient_is_partial(input_placement: Placement, output_placements: Sequence[Placement | None]) -> bool:
+    """Whether, on one mesh axis, the gradient w.r.t. an input consumed as `input_placement` is a
+    partial sum, given the consuming op's output placements on that axis.
+
+    A replicated input feeding a sharded or partial output (the input of a column-parallel linear,
+    Megatron's f operator; a replicated weight used on batch-sharded activations) gets a different
+    contribution to its gradient on every rank: the gradient is P(sum) there.
+    """
+    return isinstance(input_placement, Replicate) and any(
+        p is not None and not isinstance(p, Replicate) for p in output_placements
+    )
+
+
+def gradient_spec(
+    dst: Sequence[Placement], consumer_outputs: Sequence[Sequence[Placement] | None] | Sequence[Placement]
+) -> Spec:
+    """Placement the gradient of an input arrives in, per axis: that of the input as consumed (`dst`),
+    P(sum) where `gradient_is_partial`, and Replicate where the input was consumed as a Partial (the
+    gradient of every summand of a sum is the gradient of the sum).
+
+    `consumer_outputs` is the consumer's `ShardingOption.output`; a single Spec is accepted too.
+    """
+    if any(isinstance(o, Placement) for o in consumer_outputs):
+        consumer_outputs = (tuple(consumer_outputs),)  # one Spec given instead of ShardingOption.output
+    out: list[Placement] = []
+    for axis, p in enumerate(dst):
+        outs = [o[axis] for o in consumer_outputs if o is not None]
+        if gradient_is_partial(p, outs):
+            out.append(Partial("sum"))
+        elif isinstance(p, Partial):
+            out.append(Replicate())
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def backward_transition(
+    src: Sequence[Placement],
+    dst: Sequence[Placement],
+    consumer_outputs: Sequence[Sequence[Placement] | None] | Sequence[Placement],
+    shape: tuple[int, ...],
+    itemsize: int,
+    mesh: MeshSpec,
+) -> tuple[CommStep, ...] | None:
+    """Collectives for the gradient of an edge whose forward is `src` -> `dst` (`dst` being what the
+    consumer, whose outputs are `consumer_outputs` = its chosen `ShardingOption.output`, reads).
+
+    The gradient arrives in `gradient_spec(dst, consumer_outputs)` and must be brought to `src`, except
+    that axes where `src` is Partial take a Replicate gradient. None only if impossible (it never is:
+    the target holds no Partial).
+    """
+    grad = gradient_spec(dst, consumer_outputs)
+    target = tuple(Replicate() if isinstance(p, Partial) else p for p in src)
+    return transition(grad, target, shape, itemsize, mesh)

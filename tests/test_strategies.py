@@ -1,0 +1,242 @@
+"""Sharding options and transitions: the Megatron patterns exist, filters hold, collectives and bytes."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from autoshard.strategies import (
+    CommStep,
+    MeshSpec,
+    Partial,
+    Replicate,
+    Shard,
+    backward_transition,
+    clear_option_cache,
+    gradient_is_partial,
+    node_options,
+    spec_from_json,
+    spec_str,
+    spec_to_json,
+    transition,
+)
+
+R, P, PAVG = Replicate(), Partial("sum"), Partial("avg")
+S = Shard
+TP8 = MeshSpec.of({"tp": 8})
+DP_TP = MeshSpec.of({"dp": 2, "tp": 4})
+
+
+class Block(nn.Module):
+    """A GPT-like block with every op kind under test; batch 8, seq 16, width 64, 8 heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(128, 64)
+        self.ln = nn.LayerNorm(64)
+        self.qkv = nn.Linear(64, 192)
+        self.proj = nn.Linear(64, 64)
+        self.up = nn.Linear(64, 256)
+        self.down = nn.Linear(256, 64)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.emb(idx)
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln(x)).chunk(3, dim=-1)
+        q, k, v = (z.view(b, t, 8, 8).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+        x = x + self.proj(y)
+        x = x + self.down(F.gelu(self.up(x)))
+        return F.cross_entropy(x.view(b * t, c), targets.view(b * t))
+
+
+@pytest.fixture(scope="module")
+def graph() -> torch.fx.Graph:
+    with torch.device("meta"):
+        model = Block()
+    idx = torch.zeros(8, 16, dtype=torch.long, device="meta")
+    return torch.export.export(model, (idx, idx), strict=False).graph
+
+
+def nodes(graph: torch.fx.Graph, target: object) -> list[torch.fx.Node]:
+    return [n for n in graph.nodes if n.target == target]
+
+
+def node(graph: torch.fx.Graph, name: str) -> torch.fx.Node:
+    return next(n for n in graph.nodes if n.name == name)
+
+
+def pairs(n: torch.fx.Node, mesh: MeshSpec) -> set[tuple]:
+    return {(o.output, o.inputs) for o in node_options(n, mesh)}
+
+
+aten = torch.ops.aten
+
+
+# ------------------------------------------------------------------------------------------- mesh
+
+
+def test_mesh_spec_and_spec_json_round_trip() -> None:
+    m = MeshSpec.of({"dp": 2, "tp": 4})
+    assert m.names == ("dp", "tp") and m.sizes == (2, 4) and m.ndim == 2 and m.num_devices == 8
+    assert m.size("tp") == 4 and m.size(0) == 2
+    spec = (S(0), P)
+    assert spec_str(spec) == "(S(0), P)" and spec_str((PAVG,)) == "(P(avg),)"
+    assert spec_from_json(spec_to_json(spec)) == spec
+    assert spec_from_json(spec_to_json((R, PAVG))) == (R, PAVG)
+    with pytest.raises(ValueError):
+        MeshSpec.of({"a": 2, "b": 0})
+
+
+# ------------------------------------------------------------------------------------- options
+
+
+def test_linear_column_and_row_parallel_on_tp(graph: torch.fx.Graph) -> None:
+    up, down = node(graph, "linear_2"), node(graph, "linear_3")  # up: 64 -> 256, down: 256 -> 64
+    assert up.args[1].name.endswith("up_weight") and down.args[1].name.endswith("down_weight")
+    col = pairs(up, TP8)
+    assert (((S(2),),), ((R,), (S(0),), (S(0),))) in col  # input R, weight S(0), bias S(0) -> S(-1)
+    row = pairs(down, TP8)
+    assert (((P,),), ((S(2),), (S(1),), (P,))) in row  # input S(-1), weight S(1) -> partial
+    dp = pairs(up, MeshSpec.of({"dp": 8}))
+    assert (((S(0),),), ((S(0),), (R,), (R,))) in dp  # batch sharded, weight replicated
+
+
+def test_layer_norm_never_shards_the_normalised_dim(graph: torch.fx.Graph) -> None:
+    (ln,) = nodes(graph, aten.layer_norm.default)
+    opts = node_options(ln, DP_TP)
+    assert opts and all(S(2) not in o.output[0] and S(2) not in o.inputs[0] for o in opts)
+    assert all(o.inputs[1] == (R, R) for o in opts)  # the weight stays replicated
+    assert (((S(0), S(1)),), ((S(0), S(1)), (R, R), (R, R))) in pairs(ln, DP_TP)
+
+
+def test_sdpa_has_a_heads_sharded_option(graph: torch.fx.Graph) -> None:
+    (sdpa,) = nodes(graph, aten.scaled_dot_product_attention.default)
+    got = pairs(sdpa, DP_TP)
+    assert (((S(0), S(1)),), ((S(0), S(1)),) * 3) in got  # batch on dp, heads on tp
+    assert all(S(2) not in o.output[0] for o in node_options(sdpa, DP_TP))  # never the sequence
+
+
+def test_embedding_and_cross_entropy(graph: torch.fx.Graph) -> None:
+    (emb,) = nodes(graph, aten.embedding.default)
+    got = pairs(emb, TP8)
+    assert (((S(2),),), ((S(1),), (R,))) in got  # hidden-dim sharded table
+    assert (((S(0),),), ((R,), (S(0),))) in got  # batch-sharded ids
+    assert all(o.inputs[0] != (S(0),) for o in node_options(emb, TP8))  # no vocab-parallel (_MaskPartial)
+    (ce,) = nodes(graph, aten.cross_entropy_loss.default)
+    assert pairs(ce, TP8) == {(((R,),), ((R,), (R,))), (((PAVG,),), ((S(0),), (S(0),)))}
+
+
+def test_views_chunk_and_getitem_follow_their_input(graph: torch.fx.Graph) -> None:
+    (chunk,) = nodes(graph, aten.chunk.default)
+    for o in node_options(chunk, DP_TP):
+        assert o.output == (o.inputs[0],) * 3 and all(S(2) not in s for s in o.output)
+    getitem = next(u for u in chunk.users)
+    opts = node_options(getitem, DP_TP)
+    assert all(o.output == o.inputs for o in opts) and ((P, S(1)),) in [o.output for o in opts]
+    view = nodes(graph, aten.view.default)[0]  # q: [8, 16, 64] -> [8, 16, 8, 8]
+    got = pairs(view, TP8)
+    assert (((S(2),),), ((S(2),),)) in got  # hidden split into heads: heads sharded
+
+
+def test_placeholders_even_no_partial_and_even_filter(graph: torch.fx.Graph) -> None:
+    w = next(n for n in graph.nodes if n.op == "placeholder" and n.name.endswith("qkv_weight"))  # [192, 64]
+    specs = [o.output[0] for o in node_options(w, DP_TP)]
+    assert (R, R) in specs and (S(0), S(1)) in specs and (S(0), S(0)) in specs  # 192 % 8 == 0
+    assert not any(isinstance(p, Partial) for s in specs for p in s)
+    m = MeshSpec.of({"tp": 5})  # neither 192 nor 64 divides by 5: replicated only
+    assert [o.output[0] for o in node_options(w, m)] == [(R,)]
+    (ln,) = nodes(graph, aten.layer_norm.default)
+    for o in node_options(ln, MeshSpec.of({"tp": 32})):  # 8 x 16 x 64: only seq/hidden divide by 32
+        assert S(0) not in o.output[0]
+
+
+def test_options_are_deterministic_and_cached(graph: torch.fx.Graph) -> None:
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    mesh = MeshSpec.of({"dp": 8, "tp": 8})
+    first = [node_options(n, mesh) for n in calls]
+    t0 = time.perf_counter()
+    again = [node_options(n, mesh) for n in calls]
+    assert first == again and time.perf_counter() - t0 < 0.05
+    clear_option_cache()
+    assert [node_options(n, mesh) for n in calls] == first
+
+
+@pytest.fixture()
+def gloo_world():
+    """A real 1-rank gloo process group, as inside a torchrun job; destroyed afterwards."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("with_pg", [False, True])
+def test_enumeration_with_and_without_a_process_group(graph: torch.fx.Graph, request, with_pg: bool) -> None:
+    if with_pg:
+        request.getfixturevalue("gloo_world")
+    clear_option_cache()
+    mesh = MeshSpec.of({"dp": 8, "tp": 8})  # 64 devices, whatever the real world size
+    linear = nodes(graph, aten.linear.default)[0]
+    assert (((S(0), S(2)),), ((S(0), R), (R, S(0)), (R, S(0)))) in pairs(linear, mesh)
+    assert transition((S(0), R), (R, R), (64, 64), 4, mesh) == (CommStep(axis="dp", collective="all_gather", full_bytes=64 * 64 * 4),)
+    assert not dist.is_initialized() or dist.get_world_size() == 1
+
+
+# ------------------------------------------------------------------------------------ transitions
+
+
+def test_transition_collectives_and_bytes() -> None:
+    m = MeshSpec.of({"dp": 2, "tp": 4})
+    shape, full = (16, 32), 16 * 32 * 2  # bf16
+    assert transition((R, S(0)), (R, R), shape, 2, m) == (CommStep(axis="tp", collective="all_gather", full_bytes=full),)
+    assert transition((R, P), (R, R), shape, 2, m) == (CommStep(axis="tp", collective="all_reduce", full_bytes=full),)
+    assert transition((P, R), (S(0), R), shape, 2, m) == (
+        CommStep(axis="dp", collective="reduce_scatter", full_bytes=full),
+    )
+    assert transition((R, S(0)), (R, S(1)), shape, 2, m) == (CommStep(axis="tp", collective="all_to_all", full_bytes=full),)
+    assert transition((R, R), (R, S(1)), shape, 2, m) == (CommStep(axis="tp", collective="local", full_bytes=full),)
+    assert transition((S(0), R), (S(0), R), shape, 2, m) == ()
+    # tp gathers a tensor already split in half by dp: 16 x 16 on that step, then dp gathers 16 x 32
+    assert transition((S(1), S(1)), (R, R), shape, 2, m) == (
+        CommStep(axis="tp", collective="all_gather", full_bytes=full // 2),
+        CommStep(axis="dp", collective="all_gather", full_bytes=full),
+    )
+    assert transition((S(0), R), (P, R), shape, 2, m) is None  # Shard -> Partial: impossible
+    assert transition((P, R), (PAVG, R), shape, 2, m) is None  # one reduction into another
+    assert transition((R, R), (P, R), shape, 2, m) == (CommStep(axis="dp", collective="local", full_bytes=full),)
+
+
+def test_backward_transition_follows_megatron() -> None:
+    m = MeshSpec.of({"tp": 4})
+    shape = (8, 64)
+    # input of a column-parallel linear: forward R -> R, output S(-1): the gradient is partial (f op)
+    assert gradient_is_partial(R, [S(1)]) and not gradient_is_partial(R, [R]) and not gradient_is_partial(S(0), [S(0)])
+    assert backward_transition((R,), (R,), [(S(1),)], shape, 4, m) == (
+        CommStep(axis="tp", collective="all_reduce", full_bytes=8 * 64 * 4),
+    )
+    assert backward_transition((R,), (R,), (S(1),), shape, 4, m) == backward_transition(
+        (R,), (R,), [(S(1),)], shape, 4, m
+    )  # a single Spec is accepted for the consumer's output too
+    # row-parallel input: forward S(-1), output P: gradient arrives S(-1), nothing to do
+    assert backward_transition((S(1),), (S(1),), [(P,)], shape, 4, m) == ()
+    # a partial producer: gradient of a partial sum is replicated, so a replicated gradient needs nothing
+    assert backward_transition((P,), (R,), [(R,)], shape, 4, m) == ()
+    # forward all-gather S(0) -> R into a replicated op: the gradient goes back R -> S(0), a local chunk
+    assert backward_transition((S(0),), (R,), [(R,)], shape, 4, m) == (
+        CommStep(axis="tp", collective="local", full_bytes=8 * 64 * 4),
+    )
+    # forward all-gather into a sharded-output op: partial gradient -> reduce-scatter
+    assert backward_transition((S(0),), (R,), [(S(1),)], shape, 4, m) == (
+        CommStep(axis="tp", collective="reduce_scatter", full_bytes=8 * 64 * 4),
+    )
