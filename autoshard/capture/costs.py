@@ -51,6 +51,7 @@ class NodeCosts:
     def __init__(self) -> None:
         self._mode = FlopCounterMode(display=False)
         self._total = 0
+        self._known: dict[tuple[object, ...], int] = {}
 
     def __enter__(self) -> NodeCosts:
         self._mode.__enter__()
@@ -67,6 +68,9 @@ class NodeCosts:
         def arg(a: Any) -> Any:
             return _meta_like(a.meta["val"]) if isinstance(a, Node) else a
 
+        key = (node.target, _signature(node.args), _signature(node.kwargs))
+        if key in self._known:  # repeated layers run the same ops on the same shapes
+            return self._known[key]
         args = tree_map(arg, node.args)
         kwargs = tree_map(arg, node.kwargs)
         try:
@@ -76,7 +80,21 @@ class NodeCosts:
             return 0
         total = self._mode.get_total_flops()
         flops, self._total = total - self._total, total
+        self._known[key] = flops
         return flops
+
+
+def _signature(value: Any) -> Any:
+    """A hashable stand-in for an op argument: tensors by shape, stride and dtype."""
+    if isinstance(value, Node):
+        value = value.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), tuple(value.stride()), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    return value
 
 
 def node_costs(node: Node, counter: NodeCosts) -> tuple[int, int, bool]:

@@ -23,7 +23,8 @@ from autoshard.cost_model import Cluster
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR, NodeInfo, NodeKind, ParamInfo, TensorMeta
 from autoshard.ir.plan import NodeDecision, Plan, PlannedCollective, Prediction, SolverStats
-from autoshard.solver.blocks import FoldedGraph, fold_blocks, unit_of
+from autoshard.solver.blocks import FoldedEdge, FoldedGraph, fold_blocks, unit_of
+from autoshard.solver.followers import Follow, find_followers, resolve
 from autoshard.solver.ilp import solve
 from autoshard.solver.pricing import OptionPrice, Pricer, producer_output_index
 from autoshard.solver.problem import EdgeCosts, NodeChoices, Problem
@@ -66,17 +67,28 @@ def plan_on_mesh(
     fx_nodes = {n.name: n for n in ir.exported.graph.nodes}
     folded = fold_blocks(ir, fold=fold)
     units = _units(ir, folded, fx_nodes, pricer, mesh, param_placements or {}, hints or {})
-    edges = _edges(ir, folded, units, fx_nodes, pricer)
+    follows = _followers(folded, units, fx_nodes)
+    costs = {name: [p.compute_s + o for p, o in zip(u.prices, u.output_costs)] for name, u in units.items()}
+    memory = {name: [p.memory_bytes for p in u.prices] for name, u in units.items()}
+    edge_price = _EdgePricer(units, fx_nodes, pricer)
+    for name, f in follows.items():  # a follower's cost, memory and input edge ride on its leader
+        for i in range(len(units[f.leader].options)):
+            j = f.options[i]
+            src_option = _option_under(f.edge.src, f.leader, i, follows)
+            costs[f.leader][i] += costs[name][j] + edge_price(f.edge, src_option, j)
+            memory[f.leader][i] += memory[name][j]
+    edges = _edges(folded, units, follows, edge_price, costs)
     problem = Problem(
         nodes=tuple(
             NodeChoices(
-                name=u.name,
-                costs=tuple(p.compute_s + o for p, o in zip(u.prices, u.output_costs)),
-                memory=tuple(p.memory_bytes for p in u.prices),
-                multiplicity=folded.multiplicity[u.name],
-                allowed=u.allowed,
+                name=name,
+                costs=tuple(costs[name]),
+                memory=tuple(memory[name]),
+                multiplicity=folded.multiplicity[name],
+                allowed=units[name].allowed,
             )
-            for u in units.values()
+            for name in units
+            if name not in follows
         ),
         edges=tuple(
             EdgeCosts(src=src, dst=dst, costs=matrix, multiplicity=m) for (src, dst, m), matrix in edges
@@ -84,7 +96,10 @@ def plan_on_mesh(
         memory_limit=limit,
     )
     solution = solve(problem, time_limit_s=time_limit_s)
-    choice = {name: units[name].options[i] for name, i in solution.choices.items()}
+    index = dict(solution.choices)
+    for name, f in follows.items():  # topological: a leader is decided before its followers
+        index[name] = f.options[index[f.leader]]
+    choice = {name: units[name].options[i] for name, i in index.items()}
     return _expand(
         ir,
         cluster,
@@ -232,7 +247,7 @@ def _hint_allowed(
 def _dims_to_axes(spec: Sequence[Placement] | None, ndim: int, mesh: MeshSpec) -> tuple[tuple[str, ...], ...]:
     per_dim: list[list[str]] = [[] for _ in range(ndim)]
     for axis, p in zip(mesh.names, spec or ()):
-        if isinstance(p, Shard):
+        if type(p) is Shard:
             per_dim[p.dim % ndim].append(axis)
     return tuple(tuple(a) for a in per_dim)
 
@@ -240,29 +255,88 @@ def _dims_to_axes(spec: Sequence[Placement] | None, ndim: int, mesh: MeshSpec) -
 # ---- edges ---------------------------------------------------------------------------------------
 
 
+def _followers(folded: FoldedGraph, units: Mapping[str, _Unit], fx_nodes: Mapping[str, Node]) -> dict[str, Follow]:
+    def may_follow(name: str) -> bool:
+        u = units[name]
+        return u.param is None and u.info.kind is NodeKind.CALL and u.allowed is None and not any(u.output_costs)
+
+    def produced(edge: FoldedEdge, i: int) -> object:
+        index = producer_output_index(fx_nodes[units[edge.dst].info.name], edge.slot)
+        return units[edge.src].options[i].output[index]
+
+    def accepts(edge: FoldedEdge, j: int) -> object:
+        inputs = units[edge.dst].options[j].inputs
+        return inputs[edge.slot] if edge.slot < len(inputs) else None
+
+    options = {name: u.options for name, u in units.items()}
+    return find_followers(folded, may_follow, options, produced, accepts)
+
+
+def _option_under(unit: str, leader: str, i: int, follows: Mapping[str, Follow]) -> int:
+    """The option `unit` takes when `leader` (unit itself, or the leader it follows) picks option i."""
+    return i if unit == leader else follows[unit].options[i]
+
+
+class _EdgePricer:
+    """Seconds of one folded edge for one option of each end; identical edges priced once."""
+
+    def __init__(self, units: Mapping[str, _Unit], fx_nodes: Mapping[str, Node], pricer: Pricer) -> None:
+        self.units, self.fx_nodes, self.pricer = units, fx_nodes, pricer
+
+    def __call__(self, edge: FoldedEdge, src_option: int, dst_option: int) -> float:
+        src, dst = self.units[edge.src], self.units[edge.dst]
+        index = producer_output_index(self.fx_nodes[dst.info.name], edge.slot)
+        return _edge_seconds(
+            self.pricer,
+            src.info.outputs[index],
+            src.options[src_option].output[index],
+            dst.options[dst_option],
+            edge.slot,
+            src.info.requires_grad,
+            src.param is not None,
+        )
+
+    def spec_of(self, edge: FoldedEdge, src_option: int) -> object:
+        index = producer_output_index(self.fx_nodes[self.units[edge.dst].info.name], edge.slot)
+        return self.units[edge.src].options[src_option].output[index]
+
+
 def _edges(
-    ir: GraphIR,
     folded: FoldedGraph,
     units: Mapping[str, _Unit],
-    fx_nodes: Mapping[str, Node],
-    pricer: Pricer,
+    follows: Mapping[str, Follow],
+    edge_price: _EdgePricer,
+    costs: dict[str, list[float]],
 ) -> list[tuple[tuple[str, str, int], tuple[tuple[float, ...], ...]]]:
+    """ILP edges between leaders; an edge leaving a follower leaves from its leader. An edge that
+    merging turns into a loop (a block feeding the next copy of itself) joins copies that make the same
+    choice, so it costs its diagonal."""
     out = []
+    matrices: dict[tuple[object, ...], tuple[tuple[float, ...], ...]] = {}  # identical edges priced once
     for e in folded.edges:
-        src, dst = units[e.src], units[e.dst]
-        consumer = fx_nodes[dst.info.name]
-        index = producer_output_index(consumer, e.slot)
-        meta = src.info.outputs[index]
-        grad = src.info.requires_grad
-        bucketed = src.param is not None
-        matrix = tuple(
-            tuple(
-                _edge_seconds(pricer, meta, so.output[index], do, e.slot, grad, bucketed)
-                for do in dst.options
-            )
-            for so in src.options
+        if e.dst in follows:
+            continue
+        leader, _ = resolve(e.src, follows)
+        sources = [_option_under(e.src, leader, i, follows) for i in range(len(units[leader].options))]
+        src = units[e.src]
+        key = (
+            src.info.outputs[producer_output_index(edge_price.fx_nodes[units[e.dst].info.name], e.slot)],
+            tuple(edge_price.spec_of(e, s) for s in sources),
+            tuple(units[e.dst].options),
+            e.slot,
+            src.info.requires_grad,
+            src.param is not None,
         )
-        out.append(((e.src, e.dst, e.multiplicity), matrix))
+        matrix = matrices.get(key)
+        if matrix is None:
+            matrix = matrices[key] = tuple(
+                tuple(edge_price(e, s, j) for j in range(len(units[e.dst].options))) for s in sources
+            )
+        if leader == e.dst:
+            for i in range(len(matrix)):
+                costs[leader][i] += e.multiplicity / folded.multiplicity[leader] * matrix[i][i]
+            continue
+        out.append(((leader, e.dst, e.multiplicity), matrix))
     return out
 
 

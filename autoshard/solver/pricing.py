@@ -199,7 +199,7 @@ class Pricer:
         kind = _COLLECTIVES.get(step.collective)
         if kind is None:
             return 0.0
-        n = self.mesh.size(step.axis)
+        n = self.links[step.axis].group_size
         nbytes = step.full_bytes // n if kind is Collective.ALL_TO_ALL else step.full_bytes
         return collective_bytes_per_device(kind, int(nbytes), n)
 
@@ -210,7 +210,7 @@ class Pricer:
         if spec is None:
             return 1
         return math.prod(
-            size for p, size in zip(spec, self.mesh.sizes) if is_sharded(p) or isinstance(p, Partial)
+            size for p, size in zip(spec, self.mesh.sizes) if is_sharded(p) or type(p) is Partial
         )
 
     def local_bytes(self, meta: TensorMeta, spec: Sequence[Placement] | None) -> float:

@@ -36,16 +36,16 @@ def strided(dim: int, k: int) -> _StridedShard:
 
 def is_sharded(p: Placement | None) -> bool:
     """Shard or _StridedShard: each rank holds 1/n of the dim."""
-    return isinstance(p, (Shard, _StridedShard))
+    return type(p) in (Shard, _StridedShard)
 
 
 def as_plain(spec: Sequence[Placement]) -> Spec:
     """`spec` with every _StridedShard(d, k) read as Shard(d): same bytes per rank, for pricing."""
-    return tuple(Shard(p.dim) if isinstance(p, _StridedShard) else p for p in spec)
+    return tuple(Shard(p.dim) if type(p) is _StridedShard else p for p in spec)
 
 
 def has_strided(spec: Sequence[Placement] | None) -> bool:
-    return spec is not None and any(isinstance(p, _StridedShard) for p in spec)
+    return spec is not None and any(type(p) is _StridedShard for p in spec)
 
 
 def split_pieces(node: Node) -> tuple[int, int] | None:
@@ -94,7 +94,7 @@ def fused_split_options(node: Node, mesh: MeshSpec, base: Sequence) -> list:
             for axis, n in enumerate(mesh.sizes):
                 if size % n or not isinstance(o.inputs[0][axis], Replicate):
                     continue
-                if not all(out is not None and isinstance(out[axis], Replicate) for out in o.output):
+                if not all(out is not None and type(out[axis]) is Replicate for out in o.output):
                     continue
                 inputs = (_with(o.inputs[0], axis, strided(dim, k)), *o.inputs[1:])
                 output = tuple(_with(out, axis, Shard(dim)) for out in o.output)
@@ -105,7 +105,7 @@ def fused_split_options(node: Node, mesh: MeshSpec, base: Sequence) -> list:
         for o in base:
             out = o.output[0]
             for axis in range(mesh.ndim):
-                column = isinstance(out[axis], Shard) and out[axis].dim % (last + 1) == last
+                column = type(out[axis]) is Shard and out[axis].dim % (last + 1) == last
                 weight = o.inputs[1]
                 if not column or weight is None or weight[axis] != Shard(0):
                     continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
 
@@ -47,6 +47,9 @@ class MeshSpec:
     """An ordered, named logical device mesh, e.g. `MeshSpec.of({"dp": 2, "tp": 4})` (tp innermost)."""
 
     axes: tuple[tuple[str, int], ...]
+    # derived once (the planner asks for them in its inner loops)
+    names: tuple[str, ...] = field(init=False, compare=False, repr=False)
+    sizes: tuple[int, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         names = [n for n, _ in self.axes]
@@ -57,6 +60,8 @@ class MeshSpec:
         for name, size in self.axes:
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f"mesh axis {name!r} has size {size!r}; sizes must be positive ints")
+        object.__setattr__(self, "names", tuple(names))
+        object.__setattr__(self, "sizes", tuple(size for _, size in self.axes))
 
     @classmethod
     def of(cls, axes: Mapping[str, int] | Iterable[tuple[str, int]]) -> MeshSpec:
@@ -64,13 +69,6 @@ class MeshSpec:
         items = axes.items() if isinstance(axes, Mapping) else axes
         return cls(axes=tuple((str(n), int(s)) for n, s in items))
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(n for n, _ in self.axes)
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(s for _, s in self.axes)
 
     @property
     def ndim(self) -> int:
@@ -101,17 +99,17 @@ class MeshSpec:
 
 def normalize_spec(spec: Sequence[Placement], ndim: int) -> Spec:
     """`spec` as a tuple with negative Shard dims made non-negative for a tensor of `ndim` dims."""
-    return tuple(Shard(p.dim % ndim) if isinstance(p, Shard) and p.dim < 0 else p for p in spec)
+    return tuple(Shard(p.dim % ndim) if type(p) is Shard and p.dim < 0 else p for p in spec)
 
 
 def _placement_str(p: Placement) -> str:
-    if isinstance(p, _StridedShard):
+    if type(p) is _StridedShard:
         return f"SS({p.dim},{p.split_factor})"
-    if isinstance(p, Shard):
+    if type(p) is Shard:
         return f"S({p.dim})"
-    if isinstance(p, Replicate):
+    if type(p) is Replicate:
         return "R"
-    if isinstance(p, Partial):
+    if type(p) is Partial:
         name = "P" if type(p) is Partial else type(p).__name__
         return name if p.reduce_op == "sum" else f"{name}({p.reduce_op})"
     return repr(p)
@@ -126,11 +124,11 @@ def spec_str(spec: Sequence[Placement] | None) -> str:
 
 def placement_to_json(p: Placement) -> dict[str, Any]:
     """{"type": "shard", "dim": d} | {"type": "replicate"} | {"type": "partial", "reduce_op": op}."""
-    if isinstance(p, Shard) and type(p) is Shard:
+    if type(p) is Shard:
         return {"type": "shard", "dim": p.dim}
-    if isinstance(p, _StridedShard):
+    if type(p) is _StridedShard:
         return {"type": "strided_shard", "dim": p.dim, "split_factor": p.split_factor}
-    if isinstance(p, Replicate):
+    if type(p) is Replicate:
         return {"type": "replicate"}
     if type(p) is Partial:
         return {"type": "partial", "reduce_op": p.reduce_op}
@@ -165,7 +163,7 @@ def local_shape(shape: Sequence[int], spec: Sequence[Placement], mesh: MeshSpec)
     """
     out = list(shape)
     for p, n in zip(spec, mesh.sizes, strict=True):
-        if isinstance(p, Shard):
+        if type(p) is Shard:
             d = p.dim % len(shape) if shape else p.dim
             if d >= len(shape) or out[d] % n:
                 return None
@@ -190,6 +188,6 @@ def all_specs(
     if partial:
         per_axis += [Partial(op) for op in PARTIAL_OPS]
     for spec in product(per_axis, repeat=mesh.ndim):
-        ops = {p.reduce_op for p in spec if isinstance(p, Partial)}
+        ops = {p.reduce_op for p in spec if type(p) is Partial}
         if len(ops) <= 1 and is_even(shape, spec, mesh):
             yield spec

@@ -44,20 +44,20 @@ class CommStep:
 
 
 def _kind(src: Placement, dst: Placement) -> str:
-    if isinstance(src, Partial) and isinstance(dst, Replicate):
+    if type(src) is Partial and type(dst) is Replicate:
         return "all_reduce"
-    if isinstance(src, Partial) and isinstance(dst, Shard):
+    if type(src) is Partial and type(dst) is Shard:
         return "reduce_scatter"
-    if isinstance(src, Shard) and isinstance(dst, Replicate):
+    if type(src) is Shard and type(dst) is Replicate:
         return "all_gather"
-    if isinstance(src, Shard) and isinstance(dst, Shard):
+    if type(src) is Shard and type(dst) is Shard:
         return "all_to_all"
     return "local"
 
 
 def _possible(src: Spec, dst: Spec) -> bool:
     for s, d in zip(src, dst, strict=True):
-        if isinstance(d, Partial) and s != d and not isinstance(s, Replicate):
+        if type(d) is Partial and s != d and not type(s) is Replicate:
             return False  # S -> P, or P(sum) -> P(avg): no collective produces it
     return True
 
@@ -99,7 +99,7 @@ def _strided_transition(
     if src == dst:
         return ()
     mixed = any(
-        s != d and is_sharded(s) and is_sharded(d) and (isinstance(s, _StridedShard) or isinstance(d, _StridedShard))
+        s != d and is_sharded(s) and is_sharded(d) and (type(s) is _StridedShard or type(d) is _StridedShard)
         for s, d in zip(src, dst)
     )
     if not mixed:
@@ -118,8 +118,8 @@ def gradient_is_partial(input_placement: Placement, output_placements: Sequence[
     Megatron's f operator; a replicated weight used on batch-sharded activations) gets a different
     contribution to its gradient on every rank: the gradient is P(sum) there.
     """
-    return isinstance(input_placement, Replicate) and any(
-        p is not None and not isinstance(p, Replicate) for p in output_placements
+    return type(input_placement) is Replicate and any(
+        p is not None and not type(p) is Replicate for p in output_placements
     )
 
 
@@ -132,14 +132,14 @@ def gradient_spec(
 
     `consumer_outputs` is the consumer's `ShardingOption.output`; a single Spec is accepted too.
     """
-    if any(isinstance(o, Placement) for o in consumer_outputs):
+    if any(o is not None and not isinstance(o, tuple) for o in consumer_outputs):
         consumer_outputs = (tuple(consumer_outputs),)  # one Spec given instead of ShardingOption.output
     out: list[Placement] = []
     for axis, p in enumerate(dst):
         outs = [o[axis] for o in consumer_outputs if o is not None]
         if gradient_is_partial(p, outs):
             out.append(Partial("sum"))
-        elif isinstance(p, Partial):
+        elif type(p) is Partial:
             out.append(Replicate())
         else:
             out.append(p)
@@ -162,5 +162,5 @@ def backward_transition(
     the target holds no Partial).
     """
     grad = gradient_spec(dst, consumer_outputs)
-    target = tuple(Replicate() if isinstance(p, Partial) else p for p in src)
+    target = tuple(Replicate() if type(p) is Partial else p for p in src)
     return transition(grad, target, shape, itemsize, mesh)
