@@ -6,20 +6,28 @@ priced by a hardware cost model (cost_model/, strategies/), an ILP picks a plan 
 """
 
 from autoshard.capture import capture
+from autoshard.cost_model import Cluster
 from autoshard.errors import AutoshardError, CaptureError, InputError
 from autoshard.hints import TensorHint, shard, shardable
 from autoshard.ir import GraphIR, NodeInfo, ParamInfo, TensorMeta
+from autoshard.ir.plan import Plan
+from autoshard.solver.problem import NoFeasiblePlan
+from autoshard.solver.search import plan
 
 __all__ = [
     "AutoshardError",
     "CaptureError",
+    "Cluster",
     "GraphIR",
     "InputError",
+    "NoFeasiblePlan",
     "NodeInfo",
     "ParamInfo",
+    "Plan",
     "TensorHint",
     "TensorMeta",
     "capture",
+    "plan",
     "shard",
     "shardable",
 ]

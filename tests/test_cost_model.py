@@ -266,7 +266,12 @@ def test_collective_formulas_by_hand() -> None:
     assert collective_time(Collective.SEND_RECV, 2 * GB, link) == pytest.approx(2 * GB / bw + 1e-5)
     single = Link(bandwidth=1e9, latency=1.0, group_size=1, intra_node=True)
     assert all(collective_time(kind, GB, single) == 0.0 for kind in Collective)
-    assert collective_time(Collective.ALL_REDUCE, 0, link) == pytest.approx(2 * 3 * 1e-5)
+    # an empty all-reduce is pure latency: the tree's 2 * log2(4) steps beat the ring's 2 * 3
+    assert collective_time(Collective.ALL_REDUCE, 0, link) == pytest.approx(2 * 2 * 1e-5)
+    # a small one too: tree 2 * (1 MB / bw + 2 a) < ring 2 * (3/4 MB / bw + 3 a)
+    small = 2 * (1e6 / bw + 2 * 1e-5)
+    assert collective_time(Collective.ALL_REDUCE, 10**6, link) == pytest.approx(small)
+    assert small < 2 * (3 / 4 * 1e6 / bw + 3 * 1e-5)
 
 
 def test_inter_node_all_reduce_is_slower() -> None:

@@ -2,8 +2,10 @@
 
 Why ring formulas: NCCL and gloo both run large collectives as rings, and the ring is bandwidth-optimal, so
 for the tensor sizes that matter in training the ring time is what the hardware achieves (scaled by the
-profile's collective efficiency). Small messages use trees in NCCL and are latency bound either way; the
-ring's (n-1) latency terms make this model slightly pessimistic for them, which is the safe side.
+profile's collective efficiency). For small all-reduces NCCL switches to a (double binary) tree, whose
+latency grows with log2(n) instead of n - 1; the all-reduce is priced as the faster of the two, otherwise
+a large group's latency would be overstated and splitting it into two mesh axes would look cheaper than
+one collective over the whole group, which it is not.
 
 Size convention: ``nbytes`` is the size of the largest per-device buffer involved, which for the sharding
 collectives is the FULL (unsharded) tensor:
@@ -18,7 +20,8 @@ collectives is the FULL (unsharded) tensor:
 With n the group size, B the link bandwidth times the collective efficiency and a the link latency:
 
 * all-gather, reduce-scatter: (n-1)/n * nbytes / B + (n-1) * a   (n-1 ring steps)
-* all-reduce: twice that (a reduce-scatter followed by an all-gather)
+* all-reduce: twice that (a reduce-scatter followed by an all-gather), or the tree's
+  2 * (nbytes / B + ceil(log2 n) * a) when that is less
 * all-to-all: (n-1)/n * nbytes / B + (n-1) * a   (each device keeps 1/n, sends the rest)
 * send/recv: nbytes / B + a
 * a group of one device communicates nothing: 0 s.
@@ -26,6 +29,7 @@ With n the group size, B the link bandwidth times the collective efficiency and 
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 from autoshard.cost_model.cluster import Link
@@ -78,4 +82,7 @@ def collective_time(kind: Collective, nbytes: int, link: Link) -> float:
     if kind is Collective.SEND_RECV:
         return nbytes / bandwidth + link.latency
     one_pass = (n - 1) / n * nbytes / bandwidth + (n - 1) * link.latency
-    return 2 * one_pass if kind is Collective.ALL_REDUCE else one_pass
+    if kind is Collective.ALL_REDUCE:
+        tree = 2 * (nbytes / bandwidth + math.ceil(math.log2(n)) * link.latency)
+        return min(2 * one_pass, tree)
+    return one_pass

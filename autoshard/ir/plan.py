@@ -73,6 +73,7 @@ class SolverStats:
     gap: float
     seconds: float  # solver time
     total_seconds: float  # capture excluded: options, pricing and solve
+    objective_s: float  # the ILP's objective: equals the predicted step time (a consistency check)
     variables: int
     constraints: int
     folded_blocks: Mapping[str, int] = field(default_factory=dict)
@@ -130,6 +131,7 @@ class Plan:
                 "gap": self.solver.gap,
                 "seconds": self.solver.seconds,
                 "total_seconds": self.solver.total_seconds,
+                "objective_s": self.solver.objective_s,
                 "variables": self.solver.variables,
                 "constraints": self.solver.constraints,
                 "folded_blocks": dict(self.solver.folded_blocks),

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 from torch.fx import Node
 
 from autoshard.cost_model import Cluster
@@ -28,6 +28,7 @@ from autoshard.solver.followers import Follow, find_followers, resolve
 from autoshard.solver.ilp import solve
 from autoshard.solver.pricing import OptionPrice, Pricer, producer_output_index
 from autoshard.solver.problem import EdgeCosts, NodeChoices, Problem
+from autoshard.strategies.fused_split import is_sharded
 from autoshard.strategies import CommStep, MeshSpec, ShardingOption, Spec, node_options, spec_str
 
 __all__ = ["plan_on_mesh"]
@@ -116,6 +117,7 @@ def plan_on_mesh(
             gap=solution.gap,
             seconds=solution.seconds,
             total_seconds=time.perf_counter() - start,
+            objective_s=solution.objective,
             variables=solution.num_variables,
             constraints=solution.num_constraints,
             folded_blocks=dict(folded.blocks),
@@ -234,7 +236,10 @@ def _hint_allowed(
     assignments = hint.axis_assignments(dict(mesh.axes))  # type: ignore[attr-defined]
     ndim = len(info.outputs[0].shape)
     found = frozenset(
-        i for i, o in enumerate(options) if _dims_to_axes(o.output[0], ndim, mesh) in set(assignments)
+        i
+        for i, o in enumerate(options)
+        if not any(type(p) is Partial for p in o.output[0])  # a hinted tensor is materialised, not pending
+        and _dims_to_axes(o.output[0], ndim, mesh) in set(assignments)
     )
     if not found:
         raise InputError(
@@ -247,7 +252,7 @@ def _hint_allowed(
 def _dims_to_axes(spec: Sequence[Placement] | None, ndim: int, mesh: MeshSpec) -> tuple[tuple[str, ...], ...]:
     per_dim: list[list[str]] = [[] for _ in range(ndim)]
     for axis, p in zip(mesh.names, spec or ()):
-        if type(p) is Shard:
+        if is_sharded(p):
             per_dim[p.dim % ndim].append(axis)
     return tuple(tuple(a) for a in per_dim)
 
@@ -414,10 +419,11 @@ def _expand(
                     steps = pricer.edge(meta, spec, (Replicate(),) * mesh.ndim, None, requires_grad=False).forward
                     collectives.extend(_planned(pricer, node.name, "output", "forward", steps, bucketed=False))
         comm_s += node_comm + output_s
-        first_copy = unit.param is None or unit.param.name not in seen_params
+        own = unit_names[node.name]  # this node's parameter (its representative may be another block's)
+        first_copy = unit.param is None or own not in seen_params
         if unit.param is not None:
-            params[unit.param.name] = spec_str(option.output[0])
-            seen_params.add(unit.param.name)
+            params[own] = spec_str(option.output[0])
+            seen_params.add(own)
         if first_copy:
             compute_s += price.compute_s
             param_bytes += price.parameter_bytes
@@ -428,7 +434,7 @@ def _expand(
             NodeDecision(
                 node=node.name,
                 op=node.op,
-                module=node.module if unit.param is None else unit.param.name.rsplit(".", 1)[0],
+                module=node.module if unit.param is None else own.rsplit(".", 1)[0],
                 output=tuple(spec_str(s) if s is not None else None for s in option.output),
                 inputs=tuple(spec_str(s) if s is not None else None for s in option.inputs),
                 compute_s=price.compute_s if first_copy else 0.0,

@@ -125,8 +125,8 @@ def candidate_meshes(cluster: Cluster) -> list[MeshSpec]:
     per_node = min(cluster.devices_per_node, n)
     meshes = []
     for tp in range(1, per_node + 1):
-        if per_node % tp or n % tp:
-            continue
+        if per_node % tp or n % tp or (tp == n and n > 1):
+            continue  # tp == n would be the 1-D mesh {"dp": n} again: the solver uses an axis either way
         axes = {"dp": n // tp, "tp": tp}
         meshes.append(MeshSpec.of({k: v for k, v in axes.items() if v > 1} or {"dp": 1}))
     return meshes

@@ -240,13 +240,19 @@ def _raw_options(
 
 
 # Composite ops whose decomposition, and so whose single-axis rules, depend on the ranks of their
-# inputs but not on their sizes: one derivation serves every layer width (a derivation costs ~0.1 s).
+# inputs and on which dims have size 1, but not on the sizes otherwise: one derivation serves every
+# layer width (a derivation costs ~0.1 s).
 _SIZE_FREE_RULES = frozenset({aten.linear.default})
 
 
 def _rules(op: Any, args: tuple, kwargs: dict, val: Any, kind: str) -> tuple[int, list] | None:
     if op in _SIZE_FREE_RULES:
-        key = (op, tuple(None if a is None else (a.dim(), a.dtype) for a in args), _signature(kwargs))
+        # sizes of 1 change the decomposition's views (a batch of one is squeezed), so they stay in the key
+        key = (
+            op,
+            tuple(None if a is None else (a.dtype, tuple(d == 1 for d in a.shape)) for a in args),
+            _signature(kwargs),
+        )
     else:
         key = (op, _signature(args), _signature(kwargs))
     if key not in _RULES:
