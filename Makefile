@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/capture_time.py
+	$(PY) benchmarks/planning_time.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

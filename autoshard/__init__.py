@@ -12,7 +12,7 @@ from autoshard.hints import TensorHint, shard, shardable
 from autoshard.ir import GraphIR, NodeInfo, ParamInfo, TensorMeta
 from autoshard.ir.plan import Plan
 from autoshard.solver.problem import NoFeasiblePlan
-from autoshard.solver.search import plan
+from autoshard.solver.search import plan, plan_graph
 
 __all__ = [
     "AutoshardError",
@@ -28,6 +28,7 @@ __all__ = [
     "TensorMeta",
     "capture",
     "plan",
+    "plan_graph",
     "shard",
     "shardable",
 ]

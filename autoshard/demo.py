@@ -1,7 +1,9 @@
 """`make demo`: the main job on built-in defaults.
 
-For now: capture a reference model on the meta device (no parameter memory) and print its graph
-summary, the FLOPs per top-level module and the first nodes of its graph.
+1. Capture a reference model on the meta device (no parameter memory) and print its graph summary,
+   the FLOPs per top-level module and the first nodes of its graph.
+2. Plan a GPT for a multi-node A100 cluster (every dp x tp mesh searched) and print the plan report
+   with the meshes that lost and why.
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="gpt2-small", choices=sorted(PRESETS), help="reference preset")
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
+    parser.add_argument("--plan-model", default="gpt3-1.3b", choices=sorted(PRESETS), help="model to plan")
+    parser.add_argument("--cluster", default="a100-80g:4x8", help="cluster to plan for, e.g. h100:2x8")
+    parser.add_argument("--plan-batch", type=int, default=64, help="global batch (sequences) to plan")
     args = parser.parse_args(argv)
+    show_capture(args)
+    show_plan(args)
 
+
+def show_capture(args: argparse.Namespace) -> None:
     model = build(args.model, device="meta")
     seq = args.seq or _max_seq(model.config)
     idx = torch.zeros(args.batch, seq, dtype=torch.long, device="meta")
@@ -52,6 +61,21 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(["module", "forward FLOPs"], [[k, format_count(v)] for k, v in groups.items() if v]))
     print()
     print(ir.table(max_rows=24))
+
+
+def show_plan(args: argparse.Namespace) -> None:
+    model = build(args.plan_model, device="meta")
+    seq = _max_seq(model.config)
+    idx = torch.zeros(args.plan_batch, seq, dtype=torch.long, device="meta")
+    print(f"\n== plan: {args.plan_model}, global batch {args.plan_batch} x seq {seq}, on {args.cluster} ==")
+    start = time.perf_counter()
+    plan = autoshard.plan(model, (idx, idx.clone()), args.cluster)
+    print(f"(planned in {time.perf_counter() - start:.1f} s)\n")
+    print(plan.report())
+    if plan.alternatives:
+        print()
+        rows = [[str(a["mesh"]), a["reason"]] for a in plan.alternatives]
+        print(format_table(["mesh", "why it lost"], rows))
 
 
 def _max_seq(config: object) -> int:

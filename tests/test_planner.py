@@ -267,3 +267,24 @@ def test_bad_mesh_is_refused(small_gpt: autoshard.GraphIR) -> None:
         plan_graph(small_gpt, "a100-80g:8", mesh={"dp": 3, "tp": 2})
     with pytest.raises(autoshard.InputError, match="unknown mesh axes"):
         plan_graph(small_gpt, "a100-80g:8", mesh={"data": 8})
+
+
+@autoshard.shardable
+class ShardableMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 256), nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x))).sum()
+
+
+def test_module_hints_in_mindspore_style_are_honoured() -> None:
+    model = ShardableMLP().to("meta")
+    # MindSpore Cell.shard: the input of `down` is split 4 ways along its last dim (row-parallel)
+    model.down.shard(in_strategy=((1, 1, 4),))
+    x = torch.empty(8, 16, 64, device="meta")
+    plan = autoshard.plan(model, (x,), "cpu:4", mesh={"tp": 4})
+    (hinted,) = [d for d in plan.nodes if d.op == "autoshard.shard.default"]
+    assert hinted.output == ("(S(2),)",)
+    assert plan.params["down.weight"] == "(S(1),)"  # the only way to consume that input without a gather
