@@ -69,6 +69,7 @@ def plan_report(plan: Plan, *, depth: int | None = None) -> str:
             else ""
         ),
         f"  collectives per step: {_collective_counts(plan)}",
+        f"  how each axis is used (share of compute time): {_axis_usage(plan)}",
     ]
     table = format_table(["module", "op", "placement", "count", "compute", "comm", "memory"], rows)
     return "\n".join(head) + "\n\n" + table
@@ -85,3 +86,23 @@ def _collective_counts(plan: Plan) -> str:
     if not counts:
         return "none"
     return ", ".join(f"{n} {coll} over {axis} ({phase})" for (phase, coll, axis), n in sorted(counts.items()))
+
+
+def _axis_usage(plan: Plan) -> str:
+    """Per mesh axis, the share of compute time whose output it splits along the batch (dim 0), along
+    another dim, as a partial sum, or not at all: the axis names say where an axis lies, this says
+    what the solver used it for."""
+    totals = [defaultdict(float) for _ in plan.mesh]
+    for d in plan.nodes:
+        if not d.op or not d.compute_s or not d.output or d.output[0] is None:
+            continue
+        parts = d.output[0].strip("()").rstrip(",").split(", ")
+        for axis, p in enumerate(parts[: len(totals)]):
+            kind = "batch" if p == "S(0)" else "replicated" if p == "R" else "partial" if p.startswith("P") else "other dims"
+            totals[axis][kind] += d.compute_s
+    out = []
+    for name, usage in zip(plan.mesh, totals):
+        whole = sum(usage.values()) or 1.0
+        shares = ", ".join(f"{k} {v / whole:.0%}" for k, v in sorted(usage.items(), key=lambda kv: -kv[1]) if v / whole >= 0.005)
+        out.append(f"{name}: {shares}")
+    return "; ".join(out)
