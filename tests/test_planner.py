@@ -104,6 +104,7 @@ def test_data_parallel_wins_for_a_small_model_that_fits(small_gpt: autoshard.Gra
     plan = plan_graph(small_gpt, "a100-80g:8")
     assert plan.mesh == {"dp": 8}
     assert set(plan.params.values()) == {"(R,)"}
+    assert "dp: batch" in plan.report()  # the axis splits the batch
     assert plan.alternatives and all("slower" in a["reason"] for a in plan.alternatives)
 
 
