@@ -11,6 +11,7 @@ from autoshard.errors import AutoshardError, CaptureError, InputError
 from autoshard.hints import TensorHint, shard, shardable
 from autoshard.ir import GraphIR, NodeInfo, ParamInfo, TensorMeta
 from autoshard.ir.plan import Plan
+from autoshard.runtime import CompiledModel, compile
 from autoshard.solver.problem import NoFeasiblePlan
 from autoshard.solver.search import plan, plan_graph
 
@@ -18,6 +19,7 @@ __all__ = [
     "AutoshardError",
     "CaptureError",
     "Cluster",
+    "CompiledModel",
     "GraphIR",
     "InputError",
     "NoFeasiblePlan",
@@ -27,6 +29,7 @@ __all__ = [
     "TensorHint",
     "TensorMeta",
     "capture",
+    "compile",
     "plan",
     "plan_graph",
     "shard",

@@ -31,6 +31,7 @@ __all__ = [
     "placement_from_json",
     "placement_to_json",
     "spec_from_json",
+    "spec_from_str",
     "spec_str",
     "spec_to_json",
 ]
@@ -191,3 +192,44 @@ def all_specs(
         ops = {p.reduce_op for p in spec if type(p) is Partial}
         if len(ops) <= 1 and is_even(shape, spec, mesh):
             yield spec
+
+
+def _split_top_level(text: str) -> list[str]:
+    """`text` cut at the commas that are not inside parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _placement_from_str(text: str) -> Placement:
+    if text == "R":
+        return Replicate()
+    if text == "P":
+        return Partial()
+    head, _, rest = text.partition("(")
+    args = [a.strip() for a in rest.rstrip(")").split(",")] if rest else []
+    if head == "S" and len(args) == 1:
+        return Shard(int(args[0]))
+    if head == "SS" and len(args) == 2:
+        return _StridedShard(int(args[0]), split_factor=int(args[1]))
+    if head == "P" and len(args) == 1 and args[0] in PARTIAL_OPS:
+        return Partial(args[0])
+    raise ValueError(
+        f"unknown placement {text!r}; expected R, P, P(sum|avg), S(dim) or SS(dim,split_factor)"
+    )
+
+
+def spec_from_str(text: str) -> Spec:
+    """Inverse of `spec_str`: `"(S(0), R)"` -> `(Shard(0), Replicate())`; plans store specs this way."""
+    body = text.strip()
+    if not (body.startswith("(") and body.endswith(")")):
+        raise ValueError(f"a spec is written like '(S(0), R)' or '(P,)', found {text!r}")
+    return tuple(_placement_from_str(p) for p in _split_top_level(body[1:-1]))

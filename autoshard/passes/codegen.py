@@ -1,0 +1,324 @@
+"""Codegen: the exported graph rewritten so that it runs the plan on DTensors.
+
+DTensor alone would run the captured graph correctly but choose its own placements op by op; the plan
+would then be a suggestion. Codegen makes the plan explicit and readable instead: wherever a consumer's
+planned input placement differs from its producer's planned output placement, a `redistribute` node is
+inserted before the consumer, carrying a comment with the collectives the plan priced for that edge
+(`# all_reduce over tp, 32.0 MiB`). With every input arriving as planned, DTensor's propagation has a
+zero-cost strategy for each op and takes it, so the placements DTensor runs are the planned ones.
+
+Other rewrites, each needed because the graph was captured on meta tensors for one device:
+- `autoshard.shard` hint nodes are identities and are dropped;
+- `aten._assert_tensor_metadata` checks name the capture device (meta) and are dropped;
+- factory ops (`arange`, ...) get the runtime's device and their plain output becomes a DTensor with its
+  planned placement (DTensor refuses to mix plain tensors and DTensors);
+- scaled_dot_product_attention runs on local shards (DTensor's CPU path mixes in a plain mask tensor);
+- a chunk of a `_StridedShard(d, k)` tensor (fused qkv, see strategies/fused_split.py) is done locally:
+  DTensor has no rule for it and would all-gather.
+
+The graph takes the lifted parameters, buffers and constants as placeholders (the order of
+`ExportedProgram.graph_signature.input_specs`), so the runtime passes DTensor parameters as inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
+from torch.fx import Graph, GraphModule, Node
+
+from autoshard.errors import InputError
+from autoshard.hints.ops import SHARD_OP
+from autoshard.ir.graph import GraphIR
+from autoshard.ir.plan import Plan, PlannedCollective
+from autoshard.report.table import format_count
+from autoshard.strategies.mesh import Spec, spec_from_str, spec_str
+
+__all__ = [
+    "EdgeRedistribution",
+    "as_dtensor",
+    "codegen",
+    "local_attention",
+    "local_chunk",
+    "redistribute",
+    "use_mesh",
+]
+
+_ASSERT_META = torch.ops.aten._assert_tensor_metadata.default
+_CHUNK = torch.ops.aten.chunk.default
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+_MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("autoshard_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Any) -> Iterator[None]:
+    """Make `mesh` the one `as_dtensor` places factory outputs on while a generated graph runs."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+@lru_cache(maxsize=None)
+def _spec(text: str) -> Spec:
+    return spec_from_str(text)
+
+
+# ---- the functions the generated graph calls (kept tiny: they are what the printed code shows) -------
+
+
+@torch.fx.wrap
+def redistribute(x: DTensor, placements: str) -> DTensor:
+    """`x` moved to `placements` (a spec string such as "(S(0), R)") with DTensor's collectives."""
+    return x.redistribute(x.device_mesh, _spec(placements))
+
+
+@torch.fx.wrap
+def as_dtensor(x: torch.Tensor, placements: str) -> DTensor:
+    """A factory op's plain output (the same on every rank) as a DTensor with its planned placement."""
+    mesh = _MESH.get()
+    if mesh is None:
+        raise InputError(
+            "expected a device mesh while running generated code, found none; "
+            "run the graph through CompiledModel or inside `autoshard.passes.use_mesh(mesh)`"
+        )
+    spec = _spec(placements)
+    if all(isinstance(p, Replicate) for p in spec):
+        return DTensor.from_local(x, mesh, spec, run_check=False)
+    return distribute_tensor(x, mesh, spec, src_data_rank=None)  # every rank holds x: slice locally
+
+
+@torch.fx.wrap
+def local_chunk(x: DTensor, chunks: int, dim: int, placements: str) -> tuple[DTensor, ...]:
+    """chunk of a `_StridedShard(dim, chunks)` tensor: each rank's piece i is its shard of chunk i.
+
+    `_StridedShard(d, k)` lays each of the k chunks out sharded across its axis, so the local tensor
+    is k local pieces side by side; cutting it gives every chunk as a plain `Shard(d)` with no
+    communication (DTensor itself would gather first). `to_local`/`from_local` carry autograd.
+    """
+    spec = _spec(placements)
+    dim = dim % x.ndim
+    shape = list(x.shape)
+    shape[dim] //= chunks
+    pieces = x.to_local().chunk(chunks, dim)
+    return tuple(
+        DTensor.from_local(p, x.device_mesh, spec, run_check=False, shape=torch.Size(shape), stride=_contiguous(shape))
+        for p in pieces
+    )
+
+
+@torch.fx.wrap
+def local_attention(q: DTensor, k: DTensor, v: DTensor, *args: Any, **kwargs: Any) -> DTensor:
+    """scaled_dot_product_attention computed on the local shards.
+
+    On CPU, DTensor runs SDPA through its math decomposition, which builds the causal mask as a plain
+    tensor and then refuses to add it to a DTensor. Attention is independent per batch element and per
+    head, so when q, k and v share one placement that is replicated or sharded on batch (dim 0) or
+    heads (dim 1), each rank's local attention is its shard of the result. Any other layout (and a
+    DTensor mask) is replicated first: correct, though it gathers.
+    """
+    spec = tuple(q.placements)
+    local = all(tuple(t.placements) == spec for t in (k, v)) and all(
+        isinstance(p, Replicate) or (type(p) is Shard and p.dim in (0, 1)) for p in spec
+    )
+    if not local or any(isinstance(a, DTensor) for a in (*args, *kwargs.values())):
+        spec = tuple(Replicate() for _ in spec)
+        q, k, v = (t.redistribute(t.device_mesh, spec) for t in (q, k, v))
+        args = tuple(a.full_tensor() if isinstance(a, DTensor) else a for a in args)
+        kwargs = {n: a.full_tensor() if isinstance(a, DTensor) else a for n, a in kwargs.items()}
+    out = torch.ops.aten.scaled_dot_product_attention.default(q.to_local(), k.to_local(), v.to_local(), *args, **kwargs)
+    shape = (*q.shape[:-1], v.shape[-1])
+    return DTensor.from_local(out, q.device_mesh, spec, run_check=False, shape=torch.Size(shape), stride=_contiguous(shape))
+
+
+def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return tuple(reversed(stride))
+
+
+# ---- the pass ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EdgeRedistribution:
+    """One inserted `redistribute` node: which edge, from what to what, and the collectives priced."""
+
+    node: str  # the inserted node's name
+    src: str
+    dst: str
+    src_spec: str
+    dst_spec: str
+    collectives: tuple[str, ...]  # e.g. ("all_reduce over tp, 32.0 MiB",)
+
+
+def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
+    """A GraphModule running `plan` on DTensors: explicit redistributions, hints dropped, local chunks.
+
+    The module's `meta["redistributions"]` lists every inserted node (`EdgeRedistribution`); its
+    `.code` shows each with a comment naming its collectives.
+    """
+    if ir.exported is None:
+        raise InputError(
+            "expected a GraphIR that keeps its ExportedProgram, found one without (`exported` is None); "
+            "capture the model with autoshard.capture"
+        )
+    plan.check_graph(ir)
+    gm = copy.deepcopy(ir.exported.graph_module)
+    graph = gm.graph
+    graph._codegen = torch.fx.graph.CodeGen()  # plain positional forward(params..., inputs...)
+    decisions = {d.node: d for d in plan.nodes}
+    param_spec = {n: plan.params[p.name] for p in ir.params if p.name in plan.params for n in p.nodes}
+    comments: dict[str, str] = {}
+    inserted: list[EdgeRedistribution] = []
+
+    def produced(node: Node) -> str | None:
+        if node.name in param_spec:
+            return param_spec[node.name]
+        d = decisions.get(node.name)
+        return d.output[0] if d is not None and len(d.output) == 1 else None
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        d = decisions.get(node.name)
+        if d is None:
+            continue
+        cache: dict[tuple[str, str], Node] = {}
+        for src, want in zip(node.all_input_nodes, d.inputs, strict=False):
+            have = produced(src)
+            if want is None or have is None:
+                continue
+            want = _without_replicate_to_partial(have, want)
+            if want == have:
+                continue
+            key = (src.name, want)
+            if key not in cache:
+                with graph.inserting_before(node):
+                    cache[key] = graph.call_function(redistribute, (src, want))
+                cache[key].meta["val"] = src.meta.get("val")
+                notes = _collective_notes(plan.collectives, src.name, node.name)
+                comments[cache[key].name] = f"{have} -> {want}: " + ("; ".join(notes) or "local, no collective")
+                inserted.append(
+                    EdgeRedistribution(
+                        node=cache[key].name, src=src.name, dst=node.name, src_spec=have, dst_spec=want,
+                        collectives=tuple(notes),
+                    )
+                )
+            node.replace_input_with(src, cache[key])
+
+    _finish_outputs(graph, produced, comments, plan)
+    _rewrite_special_nodes(graph, decisions, device)
+    graph.eliminate_dead_code()
+    graph.lint()
+    graph.on_generate_code(lambda previous: _commenter(graph, comments, previous))
+    gm.recompile()
+    gm.meta["redistributions"] = tuple(inserted)
+    gm.meta["plan_mesh"] = dict(plan.mesh)
+    return gm
+
+
+def _finish_outputs(graph: Graph, produced: Any, comments: dict[str, str], plan: Plan) -> None:
+    """Every graph output leaves replicated: the caller gets whole values (the loss, or logits)."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    for src in list(output.all_input_nodes):
+        have = produced(src)
+        if have is None:
+            continue
+        want = "(" + ", ".join("R" for _ in plan.mesh) + ("," if len(plan.mesh) == 1 else "") + ")"
+        if have == want:
+            continue
+        with graph.inserting_before(output):
+            new = graph.call_function(redistribute, (src, want))
+        new.meta["val"] = src.meta.get("val")
+        notes = _collective_notes(plan.collectives, src.name, "output")
+        comments[new.name] = f"{have} -> {want}: " + ("; ".join(notes) or "local, no collective")
+        output.replace_input_with(src, new)
+
+
+def _rewrite_special_nodes(graph: Graph, decisions: dict, device: str) -> None:
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is _ASSERT_META:
+            graph.erase_node(node)
+        elif node.target is SHARD_OP:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target is _SDPA:
+            node.target = local_attention
+        elif node.target is _CHUNK and _is_strided_chunk(decisions.get(node.name)):
+            d = decisions[node.name]
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            node.target = local_chunk
+            node.args = (node.args[0], int(node.args[1]), int(dim), d.output[0])
+            node.kwargs = {}
+        elif not node.all_input_nodes and isinstance(node.meta.get("val"), torch.Tensor):
+            if node.kwargs.get("device") is not None:
+                node.kwargs = {**node.kwargs, "device": torch.device(device)}
+            d = decisions.get(node.name)
+            spec = d.output[0] if d is not None else None
+            if spec is None:
+                continue
+            with graph.inserting_after(node):
+                wrapped = graph.call_function(as_dtensor, (node, spec))
+            wrapped.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(wrapped, delete_user_cb=lambda user: user is not wrapped)
+
+
+def _without_replicate_to_partial(have: str, want: str) -> str:
+    """`want` with each axis that goes R -> P kept R.
+
+    R -> P is local (no collective) and DTensor refuses it as a user redistribution ("for internal use
+    only"), but its ops take a replicated operand where the plan has a partial one (a row-parallel
+    linear's bias is added to the partial product this way), so leaving those axes R runs the plan.
+    """
+    src, dst = spec_from_str(have), spec_from_str(want)
+    if len(src) != len(dst):
+        return want
+    kept = tuple(s if isinstance(s, Replicate) and d.is_partial() else d for s, d in zip(src, dst, strict=True))
+    return spec_str(kept)
+
+
+def _is_strided_chunk(d: Any) -> bool:
+    return d is not None and bool(d.inputs) and d.inputs[0] is not None and "SS(" in d.inputs[0]
+
+
+def _collective_notes(collectives: Sequence[PlannedCollective], src: str, dst: str) -> list[str]:
+    notes = []
+    for c in collectives:
+        if c.src == src and c.dst == dst:
+            size = format_count(c.full_bytes, unit="B")
+            phase = "" if c.phase == "forward" else f"{c.phase}: "
+            notes.append(f"{phase}{c.collective} over {c.axis}, {size}")
+    return notes
+
+
+def _commenter(graph: Graph, comments: dict[str, str], previous: Any) -> Any:
+    """A body transformer that writes each redistribution's collectives as a comment line above it."""
+    def transform(body: list[str]) -> list[str]:
+        if previous is not None:
+            body = previous(body)
+        out: list[str] = []
+        for line in body:
+            stripped = line.lstrip()
+            name = stripped.split(" = ", 1)[0].strip() if " = " in stripped else ""
+            if name in comments:
+                out.append(f"# {comments[name]}\n")
+            out.append(line)
+        return out
+
+    return transform

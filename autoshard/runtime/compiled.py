@@ -1,0 +1,278 @@
+"""CompiledModel: a plan run as DTensor training on the current process group.
+
+Every rank runs the same script: `autoshard.compile(model, example_inputs)` captures the model, plans it
+(or takes the given plan), generates the DTensor graph (passes/codegen.py), builds the DeviceMesh the plan
+names and shards the parameters as planned. `compiled(*inputs)` runs forward, `compiled.train_step(*inputs)`
+runs forward, backward (DTensor autograd) and an optimizer step on the DTensor parameters.
+
+This milestone materialises the full model on every rank: parameters are sharded from the model's full
+CPU tensors with `distribute_tensor` (rank 0's values are scattered, so ranks that initialised differently
+still agree). Inputs are the global batch, passed identically on every rank, and distributed per the plan
+(the batch split over dp, typically).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.export.graph_signature import InputKind
+from torch.fx import GraphModule
+
+from autoshard.capture import capture
+from autoshard.cost_model import Cluster
+from autoshard.errors import InputError
+from autoshard.ir.graph import GraphIR
+from autoshard.ir.plan import Plan
+from autoshard.passes.codegen import codegen, use_mesh
+from autoshard.strategies.mesh import spec_from_str
+
+__all__ = ["CompiledModel", "compile"]
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    plan: Plan | None = None,
+    cluster: Cluster | str | None = None,
+    mesh: Mapping[str, int] | None = None,
+    optimizer: str = "sgd",
+    lr: float = 1e-3,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    **optimizer_kwargs: Any,
+) -> CompiledModel:
+    """Capture, plan (unless `plan` is given), generate code and shard `model` over the process group.
+
+    `cluster` defaults to `"cpu:<world size>"`; `mesh` fixes the axes as in `autoshard.plan`. A plan solved
+    here is broadcast from rank 0 so every rank runs the same one even if solvers disagreed (they are
+    deterministic; the broadcast makes it a guarantee). `loss_fn(*outputs)` turns the model's outputs
+    into a scalar loss for `train_step`; without it the model's first output is the loss.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise InputError(f"expected optimizer in {OPTIMIZERS}, found {optimizer!r}; pass optimizer='sgd' or 'adamw'")
+    if not dist.is_initialized():
+        raise InputError(
+            "expected an initialised default process group, found none; "
+            "call torch.distributed.init_process_group(...) on every rank before autoshard.compile"
+        )
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise InputError(
+            f"expected a model with parameter values, found {len(meta)} parameters on the meta device "
+            f"(first: {meta[0]}); build the model on cpu (meta models can be planned, not run)"
+        )
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    ir = capture(model, inputs)
+    world = dist.get_world_size()
+    if plan is None:
+        from autoshard.solver.search import plan_graph
+
+        plan = plan_graph(ir, cluster or f"cpu:{world}", mesh=mesh, optimizer=optimizer)
+        plan = _broadcast_plan(plan)
+    else:
+        plan.check_graph(ir)
+    return CompiledModel(model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, **optimizer_kwargs)
+
+
+def _broadcast_plan(plan: Plan) -> Plan:
+    if dist.get_world_size() == 1:
+        return plan
+    box = [plan.to_json() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return Plan.from_json(box[0]) if box[0] is not None else plan
+
+
+class CompiledModel:
+    """A model sharded per `plan`, with forward, train_step and full_state_dict."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ir: GraphIR,
+        plan: Plan,
+        *,
+        optimizer: str = "sgd",
+        lr: float = 1e-3,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        self.plan = plan
+        self.ir = ir
+        self.loss_fn = loss_fn
+        self.mesh = _build_mesh(plan)
+        self.graph_module: GraphModule = codegen(ir, plan, device=self.mesh.device_type)
+        self._decisions = {d.node: d for d in plan.nodes}
+        self._names: dict[str, tuple[str, ...]] = {}  # canonical parameter name -> every name (tied weights)
+        self.parameters: dict[str, nn.Parameter] = {}
+        for info in ir.params:
+            placement = plan.params.get(info.name) or self._placement_of(info.nodes[0] if info.nodes else "")
+            full = _owned_copy(model.get_parameter(info.name).detach())
+            self.parameters[info.name] = nn.Parameter(
+                distribute_tensor(full, self.mesh, _param_spec(info.name, placement)),
+                requires_grad=model.get_parameter(info.name).requires_grad,
+            )
+            self._names[info.name] = info.names
+        self._signature = self._placeholder_sources(model, ir)
+        params = list(self.parameters.values())
+        if optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, **optimizer_kwargs)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=lr, **optimizer_kwargs)
+
+    # ---- running ------------------------------------------------------------------------------------
+
+    def __call__(self, *inputs: Any) -> Any:
+        """Forward on the global batch; outputs come back as full (unsharded) tensors."""
+        with torch.no_grad():
+            outputs = self._run(inputs)
+        full = tuple(o.full_tensor() if isinstance(o, DTensor) else o for o in outputs)
+        return full[0] if len(full) == 1 else full
+
+    def train_step(self, *inputs: Any) -> float:
+        """One step: forward, backward through DTensor autograd, gradients to the parameters' placements,
+        optimizer step. Returns the loss as a float."""
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs = self._run(inputs)
+        loss = self.loss_fn(*outputs) if self.loss_fn is not None else outputs[0]
+        if loss.numel() != 1:
+            raise InputError(
+                f"expected a scalar loss, found shape {tuple(loss.shape)}; "
+                "pass loss_fn=... to autoshard.compile, or return the loss from the model"
+            )
+        loss.backward()
+        self._settle_gradients()
+        self.optimizer.step()
+        value = loss.full_tensor() if isinstance(loss, DTensor) else loss
+        return _as_float(value.detach())
+
+    def _settle_gradients(self) -> None:
+        """Bring each gradient to its parameter's placement (the dp gradient all-reduce, a local slice
+        where DTensor returned a replicated gradient): the optimizer then updates shards in place."""
+        for p in self.parameters.values():
+            if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+
+    def _run(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        if len(inputs) != len(self._user_inputs):
+            raise InputError(
+                f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), found {len(inputs)}; "
+                "pass the same arguments as the example inputs given to autoshard.compile"
+            )
+        by_name = dict(zip(self._user_inputs, inputs, strict=True))
+        args = []
+        for name, kind, source in self._signature:
+            if kind == "parameter":
+                args.append(self.parameters[source])
+            elif kind == "tensor":
+                args.append(self._distribute(name, source))
+            else:
+                args.append(self._distribute(name, by_name[name]))
+        with use_mesh(self.mesh):
+            out = self.graph_module(*args)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def _distribute(self, node: str, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
+            return value
+        return distribute_tensor(value, self.mesh, spec_from_str(self._placement_of(node)))
+
+    # ---- inspection -----------------------------------------------------------------------------------
+
+    @property
+    def code(self) -> str:
+        """The generated program's Python source, with the collectives of each redistribution as comments."""
+        return self.graph_module.code
+
+    def save_code(self, directory: str | Path) -> Path:
+        """Write the generated source to `directory/<model>_<mesh>.py` and return the path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        mesh = "x".join(f"{axis}{size}" for axis, size in self.plan.mesh.items())
+        path = directory / f"{self.ir.model_type.lower()}_{mesh}.py"
+        header = f"# autoshard: {self.plan.model} on {self.plan.cluster}, mesh {dict(self.plan.mesh)}\n"
+        path.write_text(header + self.code)
+        return path
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded parameters under every name the model uses (tied weights appear under each)."""
+        out: dict[str, torch.Tensor] = {}
+        for canonical, p in self.parameters.items():
+            full = p.detach().full_tensor()
+            for name in self._names[canonical]:
+                out[name] = full
+        return out
+
+    # ---- setup helpers -----------------------------------------------------------------------------------
+
+    def _placement_of(self, node: str) -> str:
+        d = self._decisions.get(node)
+        if d is None or not d.output or d.output[0] is None:
+            return "(" + ", ".join("R" for _ in self.plan.mesh) + ("," if len(self.plan.mesh) == 1 else "") + ")"
+        return d.output[0]
+
+    def _placeholder_sources(self, model: nn.Module, ir: GraphIR) -> list[tuple[str, str, Any]]:
+        """(placeholder, kind, source) in graph order: a parameter's canonical name, a buffer or constant
+        tensor, or a user input's name."""
+        canonical = {n: info.name for info in ir.params for n in info.nodes}
+        ep = ir.exported
+        out: list[tuple[str, str, Any]] = []
+        self._user_inputs: list[str] = []
+        for spec in ep.graph_signature.input_specs:
+            name = spec.arg.name
+            if spec.kind is InputKind.PARAMETER:
+                out.append((name, "parameter", canonical[name]))
+            elif spec.kind is InputKind.BUFFER:
+                out.append((name, "tensor", model.get_buffer(spec.target).detach()))
+            elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+                out.append((name, "tensor", ep.constants[spec.target]))
+            else:
+                out.append((name, "input", None))
+                self._user_inputs.append(name)
+        return out
+
+
+def _build_mesh(plan: Plan) -> DeviceMesh:
+    names = tuple(plan.mesh)
+    sizes = tuple(int(plan.mesh[a]) for a in names)
+    world = dist.get_world_size()
+    if math.prod(sizes) != world:
+        raise InputError(
+            f"expected the process group's world size to equal the plan's mesh {dict(plan.mesh)} "
+            f"({math.prod(sizes)} devices), found world size {world}; launch {math.prod(sizes)} ranks "
+            "or plan for this many devices"
+        )
+    return init_device_mesh("cpu", sizes, mesh_dim_names=names)
+
+
+def _param_spec(name: str, placement: str) -> tuple:
+    spec = spec_from_str(placement)
+    if any(p.is_partial() for p in spec):
+        raise InputError(
+            f"expected parameter {name} to be replicated or sharded, found the plan's placement {placement}; "
+            "a parameter cannot be partial: plan again"
+        )
+    return spec
+
+
+def _owned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor holding `t`'s values. `distribute_tensor` keeps a replicated tensor as is, so without
+    the copy the optimizer would update the user's model in place (and, under LocalTensorMode, every
+    simulated rank would update one shared storage). Created by a factory call so each rank owns it."""
+    owned = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return owned.copy_(t)
+
+
+def _as_float(t: torch.Tensor) -> float:
+    """A replicated scalar as a Python float (under LocalTensorMode simulation: the ranks' common value)."""
+    reconcile = getattr(t, "reconcile", None)
+    return float(reconcile().item() if callable(reconcile) else t.item())
