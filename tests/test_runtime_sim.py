@@ -225,8 +225,8 @@ def test_refuses_world_size_that_differs_from_the_mesh(fake_world) -> None:
         compile(model, inputs, plan=plan)
 
 
-def test_refuses_a_meta_model(fake_world) -> None:
-    model = build("gpt-tiny")  # meta: plannable, not runnable
+def test_refuses_a_meta_model_without_a_seed(fake_world) -> None:
+    model = build("gpt-tiny")  # meta: runnable only with a seed (tests/test_runtime_comm.py)
     idx = torch.zeros(4, 16, dtype=torch.long)
     with pytest.raises(autoshard.InputError, match="meta"):
         compile(model, (idx, idx))

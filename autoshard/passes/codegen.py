@@ -14,7 +14,9 @@ Other rewrites, each needed because the graph was captured on meta tensors for o
   planned placement (DTensor refuses to mix plain tensors and DTensors);
 - scaled_dot_product_attention runs on local shards (DTensor's CPU path mixes in a plain mask tensor);
 - a chunk of a `_StridedShard(d, k)` tensor (fused qkv, see strategies/fused_split.py) is done locally:
-  DTensor has no rule for it and would all-gather.
+  DTensor has no rule for it and would all-gather;
+- `grad_to` on an activation edge whose planned gradient reduction DTensor would otherwise defer (it
+  keeps a gradient Partial until something forces it, then reduces a different tensor).
 
 The graph takes the lifted parameters, buffers and constants as placeholders (the order of
 `ExportedProgram.graph_signature.input_specs`), so the runtime passes DTensor parameters as inputs.
@@ -47,6 +49,7 @@ __all__ = [
     "EdgeRedistribution",
     "as_dtensor",
     "codegen",
+    "grad_to",
     "local_attention",
     "local_chunk",
     "redistribute",
@@ -82,6 +85,37 @@ def _spec(text: str) -> Spec:
 def redistribute(x: DTensor, placements: str) -> DTensor:
     """`x` moved to `placements` (a spec string such as "(S(0), R)") with DTensor's collectives."""
     return x.redistribute(x.device_mesh, _spec(placements))
+
+
+class _GradTo(torch.autograd.Function):
+    """Identity forward; backward brings the gradient to `placements` (a reduction DTensor would defer)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: DTensor, placements: str) -> DTensor:  # type: ignore[override]
+        ctx.placements = placements
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: DTensor) -> tuple[Any, None]:  # type: ignore[override]
+        spec = _spec(ctx.placements)
+        if isinstance(grad, DTensor) and tuple(grad.placements) != spec:
+            grad = grad.redistribute(grad.device_mesh, spec)
+        return grad, None
+
+
+@torch.fx.wrap
+def grad_to(x: DTensor, placements: str) -> DTensor:
+    """`x` unchanged; its gradient is brought to `placements` where it flows back through this edge.
+
+    DTensor's autograd keeps a gradient Partial as long as the ops allow and reduces it only where a
+    forward redistribution's backward (or the gradient fix-up after backward) forces it, so where the
+    plan reduces the gradient of an activation early (a replicated position embedding added to a
+    batch-sharded stream: all-reduce T x C, not the V x C table gradient later) DTensor would reduce a
+    different, often bigger, tensor. This node makes the planned reduction happen where planned.
+    """
+    if not isinstance(x, DTensor) or not torch.is_grad_enabled() or not x.requires_grad:
+        return x
+    return _GradTo.apply(x, placements)
 
 
 @torch.fx.wrap
@@ -204,6 +238,8 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
                 continue
             want = _without_replicate_to_partial(have, want)
             if want == have:
+                if src.name not in param_spec:
+                    _force_planned_gradient(graph, node, src, have, plan, comments)
                 continue
             key = (src.name, want)
             if key not in cache:
@@ -229,6 +265,23 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
     gm.meta["redistributions"] = tuple(inserted)
     gm.meta["plan_mesh"] = dict(plan.mesh)
     return gm
+
+
+def _force_planned_gradient(graph: Graph, node: Node, src: Node, have: str, plan: Plan, comments: dict[str, str]) -> None:
+    """On an edge with no forward redistribution but planned backward collectives, insert `grad_to`
+    so the gradient is reduced on this edge as planned. Parameter edges are left to the gradient
+    fix-up after backward: DTensor accumulates a parameter's partial gradients from every use and
+    reduces the sum once, which is cheaper than the planner's price for a parameter used twice (GPT's
+    tied wte/lm_head: one reduction priced per use; see tests/test_runtime_comm.py)."""
+    notes = [n for n in _collective_notes(plan.collectives, src.name, node.name) if n.startswith("backward")]
+    if not notes:
+        return
+    target = spec_str(tuple(Replicate() if p.is_partial() else p for p in spec_from_str(have)))
+    with graph.inserting_before(node):
+        new = graph.call_function(grad_to, (src, target))
+    new.meta["val"] = src.meta.get("val")
+    comments[new.name] = f"gradient -> {target}: " + "; ".join(notes)
+    node.replace_input_with(src, new)
 
 
 def _finish_outputs(graph: Graph, produced: Any, comments: dict[str, str], plan: Plan) -> None:

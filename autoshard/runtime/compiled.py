@@ -5,18 +5,20 @@ Every rank runs the same script: `autoshard.compile(model, example_inputs)` capt
 names and shards the parameters as planned. `compiled(*inputs)` runs forward, `compiled.train_step(*inputs)`
 runs forward, backward (DTensor autograd) and an optimizer step on the DTensor parameters.
 
-This milestone materialises the full model on every rank: parameters are sharded from the model's full
-CPU tensors with `distribute_tensor` (rank 0's values are scattered, so ranks that initialised differently
-still agree). Inputs are the global batch, passed identically on every rank, and distributed per the plan
+A model with values is sharded from its full CPU tensors with `distribute_tensor` (rank 0's values are
+scattered, so ranks that initialised differently still agree). A model built on meta is materialised
+shard by shard from its own initialisation and a seed (runtime/materialize.py): no rank ever holds it.
+Inputs are the global batch, passed identically on every rank, and distributed per the plan
 (the batch split over dp, typically).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -32,7 +34,11 @@ from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan
 from autoshard.passes.codegen import codegen, use_mesh
+from autoshard.runtime.materialize import materialize_shards
 from autoshard.strategies.mesh import spec_from_str
+
+if TYPE_CHECKING:
+    from autoshard.runtime.comm import CommReport
 
 __all__ = ["CompiledModel", "compile"]
 
@@ -49,6 +55,7 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     optimizer: str = "sgd",
     lr: float = 1e-3,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    seed: int | None = None,
     **optimizer_kwargs: Any,
 ) -> CompiledModel:
     """Capture, plan (unless `plan` is given), generate code and shard `model` over the process group.
@@ -57,6 +64,9 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     here is broadcast from rank 0 so every rank runs the same one even if solvers disagreed (they are
     deterministic; the broadcast makes it a guarantee). `loss_fn(*outputs)` turns the model's outputs
     into a scalar loss for `train_step`; without it the model's first output is the loss.
+
+    A model built on the meta device (too big for one device) needs `seed`: only each rank's shards are
+    materialised, equal to the model built on cpu after `torch.manual_seed(seed)` (runtime/materialize.py).
     """
     if optimizer not in OPTIMIZERS:
         raise InputError(f"expected optimizer in {OPTIMIZERS}, found {optimizer!r}; pass optimizer='sgd' or 'adamw'")
@@ -66,10 +76,11 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
             "call torch.distributed.init_process_group(...) on every rank before autoshard.compile"
         )
     meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta:
+    if meta and seed is None:
         raise InputError(
-            f"expected a model with parameter values, found {len(meta)} parameters on the meta device "
-            f"(first: {meta[0]}); build the model on cpu (meta models can be planned, not run)"
+            f"expected seed=... for a model on the meta device ({len(meta)} meta parameters, first: {meta[0]}); "
+            "its shards are initialised as the model built on cpu after torch.manual_seed(seed) would be, "
+            "and every rank must use the same seed"
         )
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     ir = capture(model, inputs)
@@ -81,7 +92,9 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
         plan = _broadcast_plan(plan)
     else:
         plan.check_graph(ir)
-    return CompiledModel(model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, **optimizer_kwargs)
+    return CompiledModel(
+        model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, seed=seed, **optimizer_kwargs
+    )
 
 
 def _broadcast_plan(plan: Plan) -> Plan:
@@ -104,6 +117,7 @@ class CompiledModel:
         optimizer: str = "sgd",
         lr: float = 1e-3,
         loss_fn: Callable[..., torch.Tensor] | None = None,
+        seed: int | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
         self.plan = plan
@@ -114,12 +128,22 @@ class CompiledModel:
         self._decisions = {d.node: d for d in plan.nodes}
         self._names: dict[str, tuple[str, ...]] = {}  # canonical parameter name -> every name (tied weights)
         self.parameters: dict[str, nn.Parameter] = {}
+        specs = {
+            info.name: _param_spec(info.name, plan.params.get(info.name) or self._placement_of(info.nodes[0] if info.nodes else ""))
+            for info in ir.params
+        }
+        if any(p.is_meta for p in model.parameters()):
+            if seed is None:
+                raise InputError("expected seed=... for a model on the meta device; see autoshard.compile")
+            shards = materialize_shards(model, self.mesh, specs, seed=seed, owned=_owned_copy)
+        else:
+            shards = {
+                name: distribute_tensor(_owned_copy(model.get_parameter(name).detach()), self.mesh, spec)
+                for name, spec in specs.items()
+            }
         for info in ir.params:
-            placement = plan.params.get(info.name) or self._placement_of(info.nodes[0] if info.nodes else "")
-            full = _owned_copy(model.get_parameter(info.name).detach())
             self.parameters[info.name] = nn.Parameter(
-                distribute_tensor(full, self.mesh, _param_spec(info.name, placement)),
-                requires_grad=model.get_parameter(info.name).requires_grad,
+                shards[info.name], requires_grad=model.get_parameter(info.name).requires_grad
             )
             self._names[info.name] = info.names
         self._signature = self._placeholder_sources(model, ir)
@@ -141,18 +165,36 @@ class CompiledModel:
     def train_step(self, *inputs: Any) -> float:
         """One step: forward, backward through DTensor autograd, gradients to the parameters' placements,
         optimizer step. Returns the loss as a float."""
+        return self._train_step(inputs)
+
+    def comm_report(self, *inputs: Any) -> CommReport:
+        """Run one training step (it updates the parameters) and return the collectives it issued next to
+        the plan's, per phase, kind and mesh axis (`print(report)` shows the table)."""
+        from autoshard.runtime.comm import measure_comm
+
+        return measure_comm(self, *inputs)
+
+    def _train_step(
+        self, inputs: Sequence[Any], *, phase: Callable[[str], ContextManager[None]] | None = None
+    ) -> float:
+        """`train_step`, with `phase(name)` entered around forward, backward and the optimizer step (so
+        communication accounting can attribute each collective to its phase)."""
+        phase = phase or (lambda _name: contextlib.nullcontext())
         self.optimizer.zero_grad(set_to_none=True)
-        outputs = self._run(inputs)
-        loss = self.loss_fn(*outputs) if self.loss_fn is not None else outputs[0]
+        with phase("forward"):
+            outputs = self._run(inputs)
+            loss = self.loss_fn(*outputs) if self.loss_fn is not None else outputs[0]
         if loss.numel() != 1:
             raise InputError(
                 f"expected a scalar loss, found shape {tuple(loss.shape)}; "
                 "pass loss_fn=... to autoshard.compile, or return the loss from the model"
             )
-        loss.backward()
-        self._settle_gradients()
-        self.optimizer.step()
-        value = loss.full_tensor() if isinstance(loss, DTensor) else loss
+        with phase("backward"):
+            loss.backward()
+            self._settle_gradients()
+        with phase("optimizer"):
+            self.optimizer.step()
+            value = loss.full_tensor() if isinstance(loss, DTensor) else loss
         return _as_float(value.detach())
 
     def _settle_gradients(self) -> None:

@@ -85,10 +85,20 @@ def _transition(src: Spec, dst: Spec, shape: tuple[int, ...], itemsize: int, mes
         return None
     # dtype only enters DTensor's plan through its size; bytes are computed here from `itemsize`
     steps = _dtensor.transform_steps(src, dst, shape, torch.float32, mesh.sizes, mesh.names)
-    return tuple(
-        CommStep(axis=mesh.names[dim], collective=_kind(a, b), full_bytes=math.prod(logical) * itemsize)
-        for dim, a, b, logical in steps
-    )
+    # Bytes: the buffer whole on the step's axis is the tensor with every OTHER axis's current sharding
+    # applied. DTensor's own `logical_shape` applies only the axes before the step's, so a dp collective
+    # of a tensor sharded on a later tp axis would be priced tp times too big (measured against the
+    # collectives DTensor issues: tests/test_runtime_comm.py).
+    current = list(src)
+    out = []
+    for dim, a, b, _logical in steps:
+        whole = list(shape)
+        for other, p in enumerate(current):
+            if other != dim and isinstance(p, Shard):
+                whole[p.dim] = -(-whole[p.dim] // mesh.sizes[other])
+        out.append(CommStep(axis=mesh.names[dim], collective=_kind(a, b), full_bytes=math.prod(whole) * itemsize))
+        current[dim] = b
+    return tuple(out)
 
 
 def _strided_transition(
