@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ import autoshard
 from autoshard.ir.plan import Plan
 from autoshard.models import PRESETS, build
 from autoshard.report.table import format_count, format_table
+from autoshard.runtime.reference import single_device_losses
 
 __all__ = ["main"]
 
@@ -118,7 +118,7 @@ def show_run(args: argparse.Namespace) -> None:
     print(f"(planned in {time.perf_counter() - start:.1f} s)\n")
     print(plan.report())
 
-    reference = _single_device_losses(model, batches)
+    reference = single_device_losses(model, batches, lr=RUN_LR)
     run = run_local(_train_on_rank, args.ranks, plan.to_json(), args.run_model, batches)
     losses = run.results[0]
     if any(r != losses for r in run.results[1:]):
@@ -135,19 +135,6 @@ def _run_model(name: str) -> torch.nn.Module:
     """The model of section 3, identical in the parent and in every rank (fixed seed, built on cpu)."""
     torch.manual_seed(RUN_SEED)
     return build(name, device="cpu")
-
-
-def _single_device_losses(model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> list[float]:
-    model = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=RUN_LR)
-    losses = []
-    for batch in batches:
-        opt.zero_grad()
-        loss = model(*batch)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def _train_on_rank(plan_json: dict[str, Any], model_name: str, batches: list[tuple[torch.Tensor, ...]]) -> list[float]:

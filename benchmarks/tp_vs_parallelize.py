@@ -50,6 +50,8 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from autoshard.runtime.reference import single_device_losses
+
 RESULTS = Path(__file__).parent / "results" / "tp_vs_parallelize.json"
 WORLD = 4
 CONFIG = dict(n_layer=2, n_embd=256, n_head=8, vocab_size=512, block_size=128)
@@ -107,19 +109,6 @@ def make_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         (torch.randint(0, vocab, (BATCH, SEQ), generator=gen), torch.randint(0, vocab, (BATCH, SEQ), generator=gen))
         for _ in range(n)
     ]
-
-
-def reference_losses(model: nn.Module, batches: list) -> list[float]:
-    model = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    out = []
-    for batch in batches:
-        opt.zero_grad()
-        loss = model(*batch)
-        loss.backward()
-        opt.step()
-        out.append(loss.item())
-    return out
 
 
 # ---- the two ways to parallelise -------------------------------------------------------------------
@@ -256,7 +245,7 @@ def comm_debug_count(step: Any, batch: tuple) -> int | str:
 def rank_main() -> dict[str, Any]:
     model = build_model()
     batches = make_batches(CHECKED_STEPS + TIMED_STEPS + 2)
-    reference = reference_losses(model, batches[:CHECKED_STEPS])
+    reference = single_device_losses(model, batches[:CHECKED_STEPS], lr=LR)
     out = {}
     for name, make in (
         ("autoshard (solver)", lambda: autoshard_step(model, batches[0], forced=False)),
