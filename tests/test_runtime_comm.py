@@ -111,3 +111,19 @@ def test_meta_model_needs_a_seed(fake_world) -> None:
     idx = torch.zeros(4, 16, dtype=torch.long)
     with pytest.raises(autoshard.InputError, match="seed"):
         compile(model, (idx, idx))
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "moe-tiny"])
+def test_meta_llama_and_moe_materialise_as_their_seeded_cpu_builds(fake_world, name: str) -> None:
+    seed = 7
+    torch.manual_seed(seed)
+    reference = build(name, device="cpu")
+    meta = build(name)
+    idx = torch.randint(0, meta.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    ir = autoshard.capture(meta, (idx, idx.clone()))
+    plan = autoshard.plan_graph(ir, f"cpu:{WORLD}", mesh={"dp": WORLD}, optimizer="sgd")
+    with local_mode():
+        compiled = compile(meta, (idx, idx.clone()), plan=plan, optimizer="sgd", lr=0.1, seed=seed)
+        state = {k: value(v) for k, v in compiled.full_state_dict().items()}
+    for key, want in reference.state_dict().items():
+        assert torch.equal(state[key], want), key

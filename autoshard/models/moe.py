@@ -100,10 +100,17 @@ class MoELayer(nn.Module):
         self.n_experts = n_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
-        self.router = nn.Linear(dim, n_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))  # gate
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))  # down
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))  # up
+        # Own parameters are drawn before the router's: the same order as `model.modules()` (a parent
+        # before its children), so replaying each module's reset_parameters() in that order reproduces
+        # a CPU build exactly (runtime/materialize.py builds meta models shard by shard that way).
+        self.reset_parameters()
+        self.router = nn.Linear(dim, n_experts, bias=False)
+
+    def reset_parameters(self) -> None:
+        """The construction-time draw of the expert weights (init_weights rescales w2 afterwards)."""
         self.init_expert_weights(std=0.02, residual_std=0.02)
 
     def init_expert_weights(self, *, std: float, residual_std: float) -> None:
