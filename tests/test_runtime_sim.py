@@ -230,3 +230,26 @@ def test_refuses_a_meta_model_without_a_seed(fake_world) -> None:
     idx = torch.zeros(4, 16, dtype=torch.long)
     with pytest.raises(autoshard.InputError, match="meta"):
         compile(model, (idx, idx))
+
+
+def test_sequence_parallel_forced_by_hints_matches_single_device(fake_world) -> None:
+    """Megatron-SP: the Megatron split plus every norm's input hinted sequence-sharded over tp (MindSpore
+    Cell.shard on the norm modules), so the residual stream between the sublayers is split along T.
+
+    (llama-tiny with the same hints is not here: at these sizes the cost model gathers its weights
+    rather than pay the sequence-parallel pair, so the hints alone do not make it sequence-parallel.)"""
+    model_name = "gpt-tiny"
+    model, inputs = make(model_name)
+    for block in model.transformer.h:
+        for norm in ("ln_1", "ln_2"):
+            autoshard.shard(getattr(block, norm), in_strategy=((1, WORLD, 1),))
+    mesh = {"tp": WORLD}
+    ir = autoshard.capture(model, inputs)
+    plan = autoshard.plan_graph(ir, f"cpu:{WORLD}", mesh=mesh, param_placements=forced(model_name, mesh), optimizer="sgd")
+    kinds = {c.collective for c in plan.forward_collectives()}
+    assert "reduce_scatter" in kinds and "all_gather" in kinds  # the sequence-parallel pair
+    hinted = [d for d in plan.nodes if d.op == "autoshard.shard.default"]
+    assert hinted and all(d.output == ("(S(1),)",) for d in hinted)
+    with local_mode():
+        compiled = compile(model, inputs, plan=plan, optimizer="sgd", lr=0.1)
+    check_matches(model, inputs, compiled, "sgd", 0.1)
