@@ -17,6 +17,8 @@ from torch.fx import Node
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoshard.ir.signature import arg_signature
+
 __all__ = ["NodeCosts", "is_view_op", "node_costs"]
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class NodeCosts:
         def arg(a: Any) -> Any:
             return _meta_like(a.meta["val"]) if isinstance(a, Node) else a
 
-        key = (node.target, _signature(node.args), _signature(node.kwargs))
+        key = (node.target, arg_signature(node.args), arg_signature(node.kwargs))
         if key in self._known:  # repeated layers run the same ops on the same shapes
             return self._known[key]
         args = tree_map(arg, node.args)
@@ -82,19 +84,6 @@ class NodeCosts:
         flops, self._total = total - self._total, total
         self._known[key] = flops
         return flops
-
-
-def _signature(value: Any) -> Any:
-    """A hashable stand-in for an op argument: tensors by shape, stride and dtype."""
-    if isinstance(value, Node):
-        value = value.meta.get("val")
-    if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), tuple(value.stride()), value.dtype)
-    if isinstance(value, (list, tuple)):
-        return tuple(_signature(v) for v in value)
-    if isinstance(value, dict):
-        return tuple((k, _signature(v)) for k, v in value.items())
-    return value
 
 
 def node_costs(node: Node, counter: NodeCosts) -> tuple[int, int, bool]:

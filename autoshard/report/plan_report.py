@@ -32,8 +32,6 @@ def plan_report(plan: Plan, *, depth: int | None = None) -> str:
         if depth is not None:
             module = ".".join(module.split(".")[:depth])
         placement = " ".join(p for p in d.output if p) or "-"
-        if not d.op:
-            placement = f"{placement}"
         what = d.op.removeprefix("aten.").rsplit(".", 1)[0] if d.op else "parameter/input"
         groups[(module, what, placement)].append(d)
     rows = []

@@ -33,6 +33,7 @@ from torch.fx import Node
 from torch.utils._pytree import tree_map
 
 from autoshard.strategies import _dtensor
+from autoshard.ir.signature import arg_signature
 from autoshard.strategies.fused_split import fused_split_options
 from autoshard.strategies.mesh import (
     PARTIAL_OPS,
@@ -115,19 +116,6 @@ def _cached_specs(shape: tuple[int, ...], mesh: MeshSpec, partial: bool) -> tupl
 # ------------------------------------------------------------------------------------ call functions
 
 
-def _signature(x: Any) -> Any:
-    """Hashable description of an argument: tensors by shape/stride/dtype, containers recursively."""
-    if isinstance(x, torch.Tensor):
-        return ("T", tuple(x.shape), tuple(x.stride()), x.dtype)
-    if isinstance(x, (list, tuple)):
-        return (type(x).__name__, tuple(_signature(e) for e in x))
-    if isinstance(x, dict):
-        return ("dict", tuple((k, _signature(v)) for k, v in sorted(x.items())))
-    if isinstance(x, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
-        return str(x)
-    return x
-
-
 def _meta_arg(a: Any) -> Any:
     if isinstance(a, Node):
         return _dtensor.meta_like(a.meta.get("val"))
@@ -162,7 +150,7 @@ def _call_options(node: Node, mesh: MeshSpec) -> tuple[ShardingOption, ...]:
     inputs = node.all_input_nodes
     alias = tuple(inputs.index(n) for n in tnodes)
     out_shapes = _out_shapes(node.meta.get("val"))
-    key = (op, _signature(args), _signature(kwargs), alias, len(inputs), out_shapes, mesh)
+    key = (op, arg_signature(args), arg_signature(kwargs), alias, len(inputs), out_shapes, mesh)
     hit = _OPTIONS.get(key)
     if hit is None:
         hit = _OPTIONS[key] = _compute_options(op, args, kwargs, node.meta.get("val"), alias, len(inputs), mesh)
@@ -251,10 +239,10 @@ def _rules(op: Any, args: tuple, kwargs: dict, val: Any, kind: str) -> tuple[int
         key = (
             op,
             tuple(None if a is None else (a.dtype, tuple(d == 1 for d in a.shape)) for a in args),
-            _signature(kwargs),
+            arg_signature(kwargs),
         )
     else:
-        key = (op, _signature(args), _signature(kwargs))
+        key = (op, arg_signature(args), arg_signature(kwargs))
     if key not in _RULES:
         _RULES[key] = _derive_rules(op, args, kwargs, val, kind)
     return _RULES[key]
