@@ -16,9 +16,13 @@ from typing import Any
 
 from autoshard.errors import InputError
 
-__all__ = ["NodeDecision", "Plan", "PlannedCollective", "Prediction", "SolverStats"]
+__all__ = ["NodeDecision", "Plan", "PlannedCollective", "Prediction", "SolverStats", "Training"]
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2 added `training`; a format-1 plan reads as one stage, one micro-batch, no ZeRO or recompute
+
+SCHEDULES = ("none", "gpipe", "1f1b", "interleaved-1f1b")
+RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("fp32", "bf16-mixed")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,6 +84,64 @@ class SolverStats:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Training:
+    """How a step is organised beyond operator sharding: pipeline stages and micro-batches, ZeRO stage,
+    recomputation and precision.
+
+    Pipeline stages are cut between the model's repeated blocks (`blocks`, e.g. `transformer.h.0` ...):
+    stage k runs `stages[k]` consecutive blocks; stage 0 also runs everything before the first block
+    (embeddings), the last stage everything after the last block (final norm, head, loss). With the
+    interleaved schedule there are `pp * virtual_stages` stages and pp rank r runs stages r, r + pp, ...
+    A global batch is `micro_batch_size * num_micro_batches * dp` sequences.
+    """
+
+    pp: int = 1
+    blocks: tuple[str, ...] = ()  # module paths of the repeated blocks, in execution order
+    stages: tuple[int, ...] = ()  # blocks per stage, pp * virtual_stages entries (empty: pp == 1)
+    schedule: str = "none"  # one of SCHEDULES; "none" when pp == 1
+    virtual_stages: int = 1  # stages per pp rank (> 1 only for "interleaved-1f1b")
+    micro_batch_size: int = 0  # sequences per micro-batch per data-parallel replica (0: the whole batch)
+    num_micro_batches: int = 1
+    zero_stage: int = 0  # 0: none; 1: optimizer state, 2: + gradients, 3: + parameters sharded over dp
+    recompute: tuple[str, ...] = ()  # per block, one of RECOMPUTE (empty: none anywhere)
+    precision: str = "fp32"  # one of PRECISIONS
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            problems.append(f"zero_stage {self.zero_stage!r} is not 0, 1, 2 or 3")
+        if bad := [r for r in self.recompute if r not in RECOMPUTE]:
+            problems.append(f"recompute modes {bad} are not among {RECOMPUTE}")
+        if self.recompute and len(self.recompute) != len(self.blocks):
+            problems.append(f"{len(self.recompute)} recompute modes for {len(self.blocks)} blocks")
+        if self.pp > 1:
+            if len(self.stages) != self.pp * self.virtual_stages:
+                problems.append(f"{len(self.stages)} stages for pp={self.pp} x {self.virtual_stages} virtual stages")
+            if sum(self.stages) != len(self.blocks) or min(self.stages, default=0) < 1:
+                problems.append(f"stages {self.stages} do not split the {len(self.blocks)} blocks into non-empty runs")
+            if self.schedule == "none":
+                problems.append("pp > 1 needs a schedule")
+        if self.virtual_stages > 1 and self.schedule != "interleaved-1f1b":
+            problems.append("virtual_stages > 1 needs schedule 'interleaved-1f1b'")
+        if self.num_micro_batches < 1 or self.micro_batch_size < 0:
+            problems.append(f"micro-batches {self.num_micro_batches} x {self.micro_batch_size} are not positive")
+        if problems:
+            raise InputError("invalid training configuration: " + "; ".join(problems))
+
+    def recompute_of(self, block: int) -> str:
+        return self.recompute[block] if self.recompute else "none"
+
+    def stage_blocks(self, stage: int) -> range:
+        """Indices (into `blocks`) of the blocks stage `stage` runs."""
+        start = sum(self.stages[:stage])
+        return range(start, start + self.stages[stage])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
     """A complete sharding plan for one captured model on one cluster and mesh."""
 
@@ -95,6 +157,13 @@ class Plan:
     predicted: Prediction
     solver: SolverStats
     alternatives: tuple[Mapping[str, Any], ...] = ()
+    training: Training = field(default_factory=Training)
+
+    @property
+    def operator_mesh(self) -> dict[str, int]:
+        """The mesh the node placements are written on: every axis but pp (stages split the graph,
+        not tensors)."""
+        return {axis: size for axis, size in self.mesh.items() if axis != "pp"}
 
     def axis_size(self, axis: str) -> int:
         return int(self.mesh.get(axis, 1))
@@ -156,7 +225,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Plan:
-        if data.get("format") != PLAN_FORMAT:
+        if data.get("format") not in (1, PLAN_FORMAT):
             raise InputError(
                 f"plan format {data.get('format')!r} is not supported; expected {PLAN_FORMAT}. "
                 "Re-create the plan with this version of autoshard."
@@ -170,6 +239,10 @@ class Plan:
         body["predicted"] = Prediction(**body["predicted"])
         body["solver"] = SolverStats(**body["solver"])
         body["alternatives"] = tuple(body.get("alternatives", ()))
+        training = dict(body.get("training", {}))
+        for key in ("blocks", "stages", "recompute"):
+            training[key] = tuple(training.get(key, ()))
+        body["training"] = Training(**training)
         return cls(**body)
 
     def save(self, path: str | Path) -> Path:
