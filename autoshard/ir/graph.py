@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -104,6 +105,10 @@ class GraphIR:
     params: tuple[ParamInfo, ...]
     model_type: str
     exported: ExportedProgram | None = field(default=None, compare=False, repr=False)
+    # The batch: dim 0 shared by every tensor input (None when they disagree), and a way to capture the
+    # same model at another batch size (the planner prices one micro-batch of a pipeline that way).
+    batch_size: int | None = None
+    recapture: Callable[[int], GraphIR] | None = field(default=None, compare=False, repr=False)
 
     def node(self, name: str) -> NodeInfo:
         """The node called `name`."""

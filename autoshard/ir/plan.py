@@ -9,6 +9,7 @@ It carries the graph's fingerprint so a plan saved for one model is refused for 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,9 +66,21 @@ class Prediction:
     gradients_bytes: float
     optimizer_bytes: float
     activations_bytes: float
+    # the step as a whole (issue 5): all devices together, per step
+    hardware_flops: float = 0.0  # recomputation included
+    model_flops: float = 0.0  # forward and backward only
+    tokens: int = 0
+    bubble_fraction: float = 0.0
+    pipeline_s: float = 0.0  # forward and backward of every micro-batch, bubble included
+    sync_s: float = 0.0  # once-per-step gradient reductions and ZeRO collectives
+    optimizer_s: float = 0.0
+    # per pp rank: {"parameters", "gradients", "optimizer_state", "activations"} bytes per device
+    stage_memory: tuple[Mapping[str, float], ...] = ()
 
     @property
     def peak_memory_bytes(self) -> float:
+        if self.stage_memory:
+            return max(sum(m.values()) for m in self.stage_memory)
         return self.parameters_bytes + self.gradients_bytes + self.optimizer_bytes + self.activations_bytes
 
 
@@ -158,6 +171,7 @@ class Plan:
     solver: SolverStats
     alternatives: tuple[Mapping[str, Any], ...] = ()
     training: Training = field(default_factory=Training)
+    peak_flops: float = 0.0  # per device at the plan's compute precision (the MFU denominator)
 
     @property
     def operator_mesh(self) -> dict[str, int]:
@@ -176,13 +190,29 @@ class Plan:
 
     def summary(self) -> dict[str, Any]:
         """Headline figures of the plan (per device where it says so)."""
-        p = self.predicted
+        p, t = self.predicted, self.training
+        devices = math.prod(self.mesh.values())
+        step = p.step_time_s or math.inf
+        modes = t.recompute or ("none",) * len(t.blocks)
         return {
             "model": self.model,
             "cluster": self.cluster,
             "mesh": dict(self.mesh),
             "dp": self.axis_size("dp"),
             "tp": self.axis_size("tp"),
+            "pp": t.pp,
+            "stages": list(t.stages) if t.pp > 1 else [len(t.blocks)],
+            "schedule": t.schedule,
+            "virtual_stages": t.virtual_stages,
+            "micro_batch_size": t.micro_batch_size,
+            "num_micro_batches": t.num_micro_batches,
+            "zero_stage": t.zero_stage,
+            "recompute": modes[0] if len(set(modes)) == 1 else {m: modes.count(m) for m in sorted(set(modes))},
+            "precision": t.precision,
+            "bubble_fraction": p.bubble_fraction,
+            "tokens_per_s": p.tokens / step,
+            "tflops_per_device": p.hardware_flops / step / devices / 1e12,
+            "mfu": p.model_flops / step / devices / self.peak_flops if self.peak_flops else 0.0,
             "step_time_s": p.step_time_s,
             "compute_s": p.compute_s,
             "comm_s": p.comm_s,
@@ -195,6 +225,7 @@ class Plan:
                 "optimizer_state": p.optimizer_bytes,
                 "activations": p.activations_bytes,
             },
+            "stage_memory": [dict(m) for m in p.stage_memory],
             "solver": {
                 "status": self.solver.status,
                 "gap": self.solver.gap,
@@ -236,7 +267,9 @@ class Plan:
             for d in body["nodes"]
         )
         body["collectives"] = tuple(PlannedCollective(**c) for c in body["collectives"])
-        body["predicted"] = Prediction(**body["predicted"])
+        predicted = dict(body["predicted"])
+        predicted["stage_memory"] = tuple(predicted.get("stage_memory", ()))
+        body["predicted"] = Prediction(**predicted)
         body["solver"] = SolverStats(**body["solver"])
         body["alternatives"] = tuple(body.get("alternatives", ()))
         training = dict(body.get("training", {}))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from autoshard.ir.graph import GraphIR, NodeInfo, NodeKind
 
-__all__ = ["FoldedGraph", "FoldedEdge", "fold_blocks"]
+__all__ = ["FoldedGraph", "FoldedEdge", "fold_blocks", "repeated_blocks"]
 
 _INDEXED = re.compile(r"^(?P<container>.*?)\.(?P<index>\d+)(?:\.|$)")
 
@@ -100,6 +100,19 @@ def fold_blocks(ir: GraphIR, *, fold: bool = True) -> FoldedGraph:
     return FoldedGraph(
         representative=representative, multiplicity=dict(multiplicity), edges=edges, blocks=folded
     )
+
+
+def repeated_blocks(ir: GraphIR) -> tuple[str, ...]:
+    """Module paths of the model's repeated blocks in execution order (`transformer.h.0`, ...): the
+    children of the integer-indexed container with the most children that computation runs in. These
+    are the units pipeline stages are cut between and recomputation is decided for; identical or not."""
+    seen: dict[str, dict[int, None]] = defaultdict(dict)
+    for container, index in _block_membership(ir).values():
+        seen[container][index] = None
+    if not seen:
+        return ()
+    container = max(seen, key=lambda c: (len(seen[c]), c))
+    return tuple(f"{container}.{i}" for i in sorted(seen[container]))
 
 
 def _block_membership(ir: GraphIR) -> dict[str, tuple[str, int]]:

@@ -12,18 +12,20 @@ Steps, each a function below:
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 from torch.fx import Node
 
 from autoshard.cost_model import Cluster
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR, NodeInfo, NodeKind, ParamInfo, TensorMeta
-from autoshard.ir.plan import NodeDecision, Plan, PlannedCollective, Prediction, SolverStats
-from autoshard.solver.blocks import FoldedEdge, FoldedGraph, fold_blocks, unit_of
+from autoshard.ir.plan import NodeDecision, Plan, PlannedCollective, Prediction, SolverStats, Training
+from autoshard.solver.blocks import FoldedEdge, FoldedGraph, fold_blocks, repeated_blocks, unit_of
 from autoshard.solver.followers import Follow, find_followers, resolve
 from autoshard.solver.ilp import solve
 from autoshard.solver.pricing import OptionPrice, Pricer, producer_output_index
@@ -58,16 +60,22 @@ def plan_on_mesh(
     hints: Mapping[str, object] | None = None,
     fold: bool = True,
     time_limit_s: float = 30.0,
+    precision: str = "fp32",
+    dp_params: str | None = None,
 ) -> Plan:
-    """The cheapest plan for `ir` on `mesh` that fits `memory_limit` bytes per device."""
+    """The cheapest plan for `ir` on `mesh` that fits `memory_limit` bytes per device.
+
+    `dp_params` pins what parameters do on the dp axis when ZeRO is decided outside the ILP:
+    "replicate" (data parallelism, ZeRO 0-2) or "shard" (ZeRO 3: stored split, gathered at use);
+    None leaves it to the ILP."""
     if ir.exported is None:
         raise InputError("this GraphIR has no exported program; capture the model with autoshard.capture")
     start = time.perf_counter()
     limit = float(memory_limit if memory_limit is not None else cluster.hardware.hbm_bytes)
-    pricer = Pricer(cluster=cluster, mesh=mesh, optimizer=optimizer)
+    pricer = Pricer(cluster=cluster, mesh=mesh, optimizer=optimizer, precision=precision)
     fx_nodes = {n.name: n for n in ir.exported.graph.nodes}
     folded = fold_blocks(ir, fold=fold)
-    units = _units(ir, folded, fx_nodes, pricer, mesh, param_placements or {}, hints or {})
+    units = _units(ir, folded, fx_nodes, pricer, mesh, param_placements or {}, hints or {}, dp_params)
     follows = _followers(folded, units, fx_nodes)
     costs = {name: [p.compute_s + o for p, o in zip(u.prices, u.output_costs)] for name, u in units.items()}
     memory = {name: [p.memory_bytes for p in u.prices] for name, u in units.items()}
@@ -136,6 +144,7 @@ def _units(
     mesh: MeshSpec,
     param_placements: Mapping[str, Sequence[Placement]],
     hints: Mapping[str, object],
+    dp_params: str | None = None,
 ) -> dict[str, _Unit]:
     params = {p.name: p for p in ir.params}
     first_node: dict[str, NodeInfo] = {}
@@ -153,6 +162,8 @@ def _units(
             trainable = info.requires_grad
             prices = tuple(pricer.parameter(param.meta, o.output[0], trainable=trainable) for o in options)
             allowed = _param_allowed(param, options, param_placements, mesh)
+            if dp_params is not None and "dp" in mesh.names:
+                allowed = _dp_param_allowed(options, allowed, mesh.names.index("dp"), dp_params)
         else:
             prices = tuple(pricer.computation(info, o) for o in options)
             allowed = None
@@ -225,6 +236,19 @@ def _param_allowed(
                 )
             return found
     return None
+
+
+def _dp_param_allowed(
+    options: Sequence[ShardingOption], allowed: frozenset[int] | None, dp: int, mode: str
+) -> frozenset[int]:
+    """Options whose dp entry is Replicate ("replicate") or a shard ("shard"; a parameter no dp split
+    divides stays replicated), within what `allowed` already permits."""
+    candidates = [i for i in range(len(options)) if allowed is None or i in allowed]
+    replicated = frozenset(i for i in candidates if type(options[i].output[0][dp]) is Replicate)
+    if mode == "replicate":
+        return replicated or frozenset(candidates)
+    sharded = frozenset(i for i in candidates if is_sharded(options[i].output[0][dp]))
+    return sharded or replicated or frozenset(candidates)
 
 
 def _hint_allowed(
@@ -442,6 +466,8 @@ def _expand(
                 memory_bytes=price.memory_bytes if first_copy else 0.0,
             )
         )
+    flops = 3 * sum(n.flops for n in ir.nodes)  # forward + backward (priced at 2x forward)
+    inputs = [n for n in ir.nodes if n.kind is NodeKind.INPUT and n.outputs]
     predicted = Prediction(
         step_time_s=compute_s + comm_s,
         compute_s=compute_s,
@@ -451,6 +477,10 @@ def _expand(
         gradients_bytes=grad_bytes,
         optimizer_bytes=opt_bytes,
         activations_bytes=act_bytes,
+        hardware_flops=flops,
+        model_flops=flops,
+        tokens=math.prod(inputs[0].outputs[0].shape) if inputs else 0,
+        pipeline_s=compute_s + comm_s,
     )
     return Plan(
         fingerprint=ir.fingerprint,
@@ -464,7 +494,17 @@ def _expand(
         collectives=tuple(collectives),
         predicted=predicted,
         solver=stats,
+        training=Training(
+            blocks=repeated_blocks(ir), precision=pricer.precision, micro_batch_size=_replica_batch(ir, mesh)
+        ),
+        peak_flops=cluster.hardware.peak_flops_for(pricer.compute_dtype(torch.float32)),
     )
+
+
+def _replica_batch(ir: GraphIR, mesh: MeshSpec) -> int:
+    """Sequences each data-parallel replica runs: the batch over the dp axis."""
+    dp = dict(mesh.axes).get("dp", 1)
+    return ir.batch_size // dp if ir.batch_size and ir.batch_size % dp == 0 else 0
 
 
 def _planned(

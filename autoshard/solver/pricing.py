@@ -13,6 +13,11 @@ This is where the graph (GraphIR), the options (strategies/) and the hardware (c
 - Gradient reductions of parameters are bucketed in practice (DDP and FSDP reduce ~25 MiB buckets, not
   one collective per tensor), so they are priced by bandwidth alone: the per-tensor latency term would
   otherwise make data parallelism look ruinous for models with many small parameters.
+- Precision "bf16-mixed" (torch.autocast with fp32 master weights, as Megatron and FSDP2's mixed policy):
+  floating activations, their collectives and compute are bf16 (bf16 tensor-core peak); parameters
+  stay fp32 with a bf16 working copy (autocast's cast cache, 2 B per element), gradients and their
+  reductions are fp32, optimizer state fp32. Graphs are captured in the model's own dtype (fp32), so
+  the pricer converts: it never needs a second capture.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from autoshard.cost_model import (
     compute_time,
     optimizer_state_bytes_per_param,
 )
+from autoshard.errors import InputError
 from autoshard.ir.graph import NodeInfo, NodeKind, TensorMeta
+from autoshard.ir.plan import PRECISIONS
 from autoshard.strategies.fused_split import is_sharded
 from autoshard.strategies import CommStep, MeshSpec, ShardingOption, Spec, backward_transition, transition
 
@@ -92,10 +99,13 @@ class EdgePrice:
 class Pricer:
     """Prices options for one cluster, mesh and optimizer (links per axis computed once)."""
 
-    def __init__(self, *, cluster: Cluster, mesh: MeshSpec, optimizer: str) -> None:
+    def __init__(self, *, cluster: Cluster, mesh: MeshSpec, optimizer: str, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise InputError(f"expected precision in {PRECISIONS}, found {precision!r}")
         self.cluster = cluster
         self.mesh = mesh
         self.optimizer = optimizer
+        self.precision = precision
         shape = dict(mesh.axes)
         self.links: dict[str, Link] = {axis: cluster.axis_link(shape, axis) for axis in mesh.names}
         self.bucket_links = {axis: dataclasses.replace(link, latency=0.0) for axis, link in self.links.items()}
@@ -111,28 +121,44 @@ class Pricer:
         # An optimizer step reads parameter, gradient and state and writes parameter and state back.
         step_bytes = 2 * local + grad + 2 * opt if trainable else 0.0
         step = compute_time(0, step_bytes, meta.dtype, self.cluster.hardware) if trainable else 0.0
-        return OptionPrice(compute_s=step, parameter_bytes=local, gradient_bytes=grad, optimizer_bytes=opt)
+        working_copy = numel * (self.compute_dtype(meta.dtype).itemsize if self.mixed(meta.dtype) else 0)
+        return OptionPrice(
+            compute_s=step, parameter_bytes=local + working_copy, gradient_bytes=grad, optimizer_bytes=opt
+        )
+
+    def mixed(self, dtype: torch.dtype) -> bool:
+        """Whether autocast runs this dtype's ops in a narrower one."""
+        return self.precision == "bf16-mixed" and dtype in (torch.float32, torch.float64)
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16 if self.mixed(dtype) else dtype
+
+    def activation_scale(self, dtype: torch.dtype) -> float:
+        """Bytes of an activation of `dtype` under this precision, per byte as captured."""
+        return self.compute_dtype(dtype).itemsize / dtype.itemsize
 
     def computation(self, node: NodeInfo, option: ShardingOption) -> OptionPrice:
         if node.kind is not NodeKind.CALL or node.is_view:
             return OptionPrice(compute_s=0.0)
         out_spec = option.output[0] if option.output else None
         work_split = self.work_split(out_spec)
-        dtype = node.outputs[0].dtype if node.outputs else torch.float32
-        forward = compute_time(node.flops / work_split, node.bytes_moved / work_split, dtype, self.cluster.hardware)
+        captured = node.outputs[0].dtype if node.outputs else torch.float32
+        dtype = self.compute_dtype(captured)
+        moved = node.bytes_moved * self.activation_scale(captured)
+        forward = compute_time(node.flops / work_split, moved / work_split, dtype, self.cluster.hardware)
         total = forward
         if node.requires_grad:
             factor = backward_factor(node.flops)
             total += compute_time(
                 factor.flops * node.flops / work_split,
-                factor.bytes_moved * node.bytes_moved / work_split,
+                factor.bytes_moved * moved / work_split,
                 dtype,
                 self.cluster.hardware,
             )
         saved = 0.0
         if node.requires_grad and node.op not in _SAVES_NOTHING:
             saved = sum(
-                self.local_bytes(meta, spec)
+                self.local_bytes(meta, spec) * self.activation_scale(meta.dtype)
                 for meta, spec in zip(node.outputs, option.output)
                 if spec is not None
             )
@@ -156,12 +182,15 @@ class Pricer:
         key = (meta.shape, meta.dtype, tuple(src), tuple(dst), tuple(consumer_output or ()), requires_grad, bucketed)
         if key in self._edge_cache:
             return self._edge_cache[key]
-        itemsize = meta.dtype.itemsize
+        # forward: the tensor as computed (a parameter's bf16 working copy under mixed precision);
+        # backward: activation gradients in the compute dtype, parameter gradients reduced in fp32.
+        itemsize = self.compute_dtype(meta.dtype).itemsize
         fwd = self._steps(tuple(src), tuple(dst), meta.shape, itemsize)
         bwd: tuple[CommStep, ...] = ()
         if requires_grad:
+            grad_itemsize = meta.dtype.itemsize if bucketed else itemsize
             bwd = backward_transition(
-                tuple(src), tuple(dst), tuple(consumer_output or dst), meta.shape, itemsize, self.mesh
+                tuple(src), tuple(dst), tuple(consumer_output or dst), meta.shape, grad_itemsize, self.mesh
             )
         steps = (*fwd, *bwd)
         price = EdgePrice(
