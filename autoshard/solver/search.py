@@ -1,16 +1,21 @@
-"""`autoshard.plan`: capture, then search device meshes, solving the ILP on each.
+"""`autoshard.plan`: capture, then search how to run the step, solving operator sharding by ILP.
 
-The outer search tries every factorisation of the device count into dp x tp with tp inside one node
-(tensor parallelism crossing nodes rarely pays: its collectives sit on the critical path of every
-layer). Each mesh is planned by planner.plan_on_mesh; the fastest plan that fits wins and the others
-are kept as `plan.alternatives` with the reason each lost.
+Two modes:
+- the full search (step_search.search_step): dp x tp x pp with tp inside one node (tensor parallelism
+  crossing nodes rarely pays: its collectives sit on the critical path of every layer), micro-batch
+  size, pipeline schedule, ZeRO stage and recomputation. It runs unless the caller pins an operator
+  mesh without pp and none of the step decisions;
+- operator sharding alone on a given mesh {dp, tp} (`mesh=` and nothing else): the ILP on the whole
+  mesh at the given batch in one micro-batch, parameters free to shard over dp as well. Tests and
+  manual strategies (`param_placements`) use it; it is exact for what it covers.
+Either way the plans that lost are kept as `plan.alternatives` with the reason each lost.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -23,15 +28,17 @@ from autoshard.hints import hints_in_graph
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan
 from autoshard.report.table import format_count
+from autoshard.ir.plan import PRECISIONS, RECOMPUTE, SCHEDULES
 from autoshard.solver.planner import plan_on_mesh
+from autoshard.solver.step_search import Fixed, search_step
 from autoshard.solver.problem import NoFeasiblePlan
 from autoshard.strategies import MeshSpec
 
-__all__ = ["candidate_meshes", "plan", "plan_graph"]
+__all__ = ["plan", "plan_graph"]
 
 log = logging.getLogger(__name__)
 
-KNOWN_AXES = ("dp", "tp")
+KNOWN_AXES = ("pp", "dp", "tp")
 
 
 def plan(
@@ -44,13 +51,23 @@ def plan(
     mesh: Mapping[str, int] | None = None,
     param_placements: Mapping[str, Sequence[Placement]] | None = None,
     time_limit_s: float = 30.0,
+    precision: str | None = None,
+    zero_stage: int | None = None,
+    recompute: str | None = None,
+    schedule: str | None = None,
+    micro_batch_size: int | None = None,
+    progress: bool | Callable[[str], None] = False,
 ) -> Plan:
     """Plan `model` for `cluster`: the fastest predicted training step that fits in memory.
 
-    `example_inputs` is one global batch (meta tensors are fine). `mesh` fixes the axes, e.g.
-    `{"dp": 2, "tp": 4}`; without it every dp x tp split is searched. `memory_limit` is bytes per
-    device (default: the device's memory). `param_placements` fixes parameters by name pattern
-    (a manual strategy such as Megatron's, priced by the same model).
+    `example_inputs` is one global batch (meta tensors are fine), batched along dim 0. `mesh` fixes
+    the axes, e.g. `{"pp": 4, "dp": 2, "tp": 8}`; without it every dp x tp x pp split is searched.
+    `zero_stage` (0-3), `recompute` ("none", "selective", "full"), `schedule` ("gpipe", "1f1b",
+    "interleaved-1f1b") and `micro_batch_size` (per replica) pin those decisions; otherwise the
+    search makes them. `precision` is "bf16-mixed" (default on GPU clusters) or "fp32" (default on
+    cpu). `memory_limit` is bytes per device (default: the device's memory). `param_placements`
+    fixes parameters by name pattern (a manual strategy such as Megatron's, priced by the same
+    model). `progress=True` prints what the search is doing to stderr (or pass a callable).
     """
     return plan_graph(
         capture(model, example_inputs),
@@ -60,6 +77,12 @@ def plan(
         mesh=mesh,
         param_placements=param_placements,
         time_limit_s=time_limit_s,
+        precision=precision,
+        zero_stage=zero_stage,
+        recompute=recompute,
+        schedule=schedule,
+        micro_batch_size=micro_batch_size,
+        progress=progress,
     )
 
 
@@ -72,6 +95,12 @@ def plan_graph(
     mesh: Mapping[str, int] | None = None,
     param_placements: Mapping[str, Sequence[Placement]] | None = None,
     time_limit_s: float = 30.0,
+    precision: str | None = None,
+    zero_stage: int | None = None,
+    recompute: str | None = None,
+    schedule: str | None = None,
+    micro_batch_size: int | None = None,
+    progress: bool | Callable[[str], None] = False,
 ) -> Plan:
     """`plan` for an already captured graph."""
     cluster = Cluster.parse(cluster) if isinstance(cluster, str) else cluster
@@ -79,7 +108,32 @@ def plan_graph(
         raise InputError(
             f"expected cluster as a Cluster or a string like 'a100-80g:16x8', found {type(cluster).__name__}"
         )
-    meshes = [_checked_mesh(mesh, cluster)] if mesh is not None else candidate_meshes(cluster)
+    precision = _checked_choice("precision", precision, PRECISIONS) or (
+        "fp32" if cluster.hardware.name == "cpu" else "bf16-mixed"
+    )
+    _checked_choice("recompute", recompute, RECOMPUTE)
+    _checked_choice("schedule", schedule, SCHEDULES)
+    if zero_stage is not None and zero_stage not in (0, 1, 2, 3):
+        raise InputError(f"expected zero_stage 0, 1, 2 or 3, found {zero_stage!r}")
+    if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size < 1):
+        raise InputError(f"expected micro_batch_size a positive int, found {micro_batch_size!r}")
+    step_decisions = (zero_stage, recompute, schedule, micro_batch_size)
+    if mesh is None or "pp" in mesh or any(d is not None for d in step_decisions):
+        if mesh is not None:
+            _checked_mesh(mesh, cluster)
+        return search_step(
+            ir,
+            cluster,
+            optimizer=optimizer,
+            memory_limit=memory_limit,
+            precision=precision,
+            fixed=Fixed(mesh=mesh, zero_stage=zero_stage, recompute=recompute, schedule=schedule,
+                        micro_batch_size=micro_batch_size),
+            param_placements=param_placements,
+            time_limit_s=time_limit_s,
+            progress=progress,
+        )
+    meshes = [_checked_mesh(mesh, cluster)]
     hints = hints_in_graph(ir.exported) if ir.exported is not None else {}
     results: list[Plan] = []
     failures: list[tuple[MeshSpec, NoFeasiblePlan]] = []
@@ -96,6 +150,7 @@ def plan_graph(
                     param_placements=param_placements,
                     hints=hints,
                     time_limit_s=time_limit_s,
+                    precision=precision,
                 )
             )
         except NoFeasiblePlan as exc:
@@ -119,17 +174,10 @@ def plan_graph(
     return dataclasses.replace(best, alternatives=tuple(alternatives))
 
 
-def candidate_meshes(cluster: Cluster) -> list[MeshSpec]:
-    """dp x tp for every tp that divides both the device count and the devices of one node."""
-    n = cluster.num_devices
-    per_node = min(cluster.devices_per_node, n)
-    meshes = []
-    for tp in range(1, per_node + 1):
-        if per_node % tp or n % tp or (tp == n and n > 1):
-            continue  # tp == n would be the 1-D mesh {"dp": n} again: the solver uses an axis either way
-        axes = {"dp": n // tp, "tp": tp}
-        meshes.append(MeshSpec.of({k: v for k, v in axes.items() if v > 1} or {"dp": 1}))
-    return meshes
+def _checked_choice(name: str, value: str | None, allowed: Sequence[str]) -> str | None:
+    if value is not None and value not in allowed:
+        raise InputError(f"expected {name} among {list(allowed)}, found {value!r}")
+    return value
 
 
 def _checked_mesh(mesh: Mapping[str, int], cluster: Cluster) -> MeshSpec:
