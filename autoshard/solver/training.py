@@ -195,46 +195,46 @@ def chain_of(plan: Plan, ir: GraphIR) -> Chain:
 def split_blocks(chain: Chain, num_stages: int, recompute: Sequence[str]) -> tuple[int, ...]:
     """Blocks per stage, contiguous and non-empty, minimising the slowest stage's time per micro-batch.
 
-    Bisection on the bottleneck time with a greedy left-to-right fill (which stage count a bottleneck
-    admits is monotone in it), then the fill is split further until there are exactly `num_stages`.
+    The prologue always runs with the first block and the epilogue with the last, so they simply weigh
+    on those blocks; what remains is the classic min-max split of a sequence, solved by bisection on the
+    bottleneck with a greedy fill (the fewest stages a bottleneck admits is monotone in it). The fill is
+    then split further, longest run first, until there are exactly `num_stages` runs.
     """
     n = len(chain.blocks)
     if not 1 <= num_stages <= n:
         raise ValueError(f"{num_stages} stages for {n} blocks")
-    times = [b.seconds(r) for b, r in zip(chain.blocks, recompute)]
-    pre, post = chain.pre.seconds("none"), chain.post.seconds("none")
+    weights = [b.seconds(r) for b, r in zip(chain.blocks, recompute)]
+    weights[0] += chain.pre.seconds("none")
+    weights[-1] += chain.post.seconds("none")
 
-    def fill(limit: float) -> list[int] | None:
-        stages, current, count = [], pre, 0
-        for t in times:
-            if count and current + t > limit:
-                stages.append(count)
-                current, count = 0.0, 0
-            current += t
-            count += 1
-        if current + post > limit and count > 1:
-            # the epilogue does not fit after the last run: start it later
-            return None
-        stages.append(count)
-        return stages if current + post <= limit or count == 1 else None
+    def fill(limit: float) -> list[int]:
+        runs, current = [0], 0.0
+        for w in weights:
+            if runs[-1] and current + w > limit:
+                runs.append(0)
+                current = 0.0
+            current += w
+            runs[-1] += 1
+        return runs
 
-    low, high = max(times, default=0.0), pre + post + sum(times)
-    best = fill(high) or [n]
-    for _ in range(60):
-        if high - low <= 1e-9 * max(high, 1e-30):
+    low, high = max(weights), sum(weights)
+    best = fill(high)
+    for _ in range(100):
+        if high - low <= 1e-12 * high:
             break
         mid = (low + high) / 2
-        got = fill(mid)
-        if got is not None and len(got) <= num_stages:
-            best, high = got, mid
+        runs = fill(mid)
+        if len(runs) <= num_stages:
+            best, high = runs, mid
         else:
             low = mid
-    while len(best) < num_stages:  # split the longest run; splitting never slows the slowest stage
+    candidate = fill(high)
+    if len(candidate) <= num_stages:
+        best = candidate
+    while len(best) < num_stages:  # splitting a run never slows the slowest stage
         i = max(range(len(best)), key=lambda k: best[k])
         half = best[i] // 2
         best[i : i + 1] = [best[i] - half, half]
-    while len(best) > num_stages:  # only when the bisection found nothing better than one stage
-        best[-2:] = [best[-2] + best[-1]]
     return tuple(best)
 
 
