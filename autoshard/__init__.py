@@ -8,7 +8,7 @@ priced by a hardware cost model (cost_model/, strategies/), an ILP picks a plan 
 from autoshard.capture import capture
 from autoshard.cost_model import Cluster
 from autoshard.errors import AutoshardError, CaptureError, InputError
-from autoshard.hints import TensorHint, shard, shardable
+from autoshard.hints import TensorHint, pipeline_stage, recompute, shard, shardable
 from autoshard.ir import GraphIR, NodeInfo, ParamInfo, TensorMeta
 from autoshard.ir.plan import Plan
 from autoshard.runtime import CompiledModel, compile
@@ -31,7 +31,9 @@ __all__ = [
     "capture",
     "compile",
     "plan",
+    "pipeline_stage",
     "plan_graph",
+    "recompute",
     "shard",
     "shardable",
 ]

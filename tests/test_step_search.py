@@ -223,3 +223,30 @@ def test_gpt3_175b_on_1024_a100s_lies_where_practitioners_work() -> None:
     assert s["micro_batch_size"] * s["num_micro_batches"] * s["dp"] == 1536
     assert s["peak_memory_bytes"] <= 80e9
     assert 0.3 < s["mfu"] < 0.75  # published runs reach 44-52% of peak
+
+
+# ---- step hints ----------------------------------------------------------------------------------------
+
+
+def test_pipeline_stage_and_recompute_hints_are_honoured() -> None:
+    model = build("gpt-small-test", device="meta")
+    n = model.config.n_layer
+    autoshard.pipeline_stage(model.transformer.h[n // 2 + 1], 1)  # stage 1 starts after the middle
+    model.transformer.h[0].pipeline_stage = 0  # the plain attribute works as well
+    autoshard.recompute(model.transformer.h[1], "selective")
+    plan = autoshard.plan(model, tokens(16, 64), "a100-80g:8")
+    t = plan.training
+    assert t.pp == 2 and t.stages == (n // 2 + 1, n - n // 2 - 1)
+    assert t.recompute[1] == "selective"
+
+
+def test_step_hints_inside_a_block_or_going_backwards_are_refused() -> None:
+    model = build("gpt-small-test", device="meta")
+    autoshard.recompute(model.transformer.h[0].attn)
+    with pytest.raises(autoshard.InputError, match="inside block transformer.h.0"):
+        autoshard.plan(model, tokens(16, 64), "a100-80g:8")
+    model = build("gpt-small-test", device="meta")
+    autoshard.pipeline_stage(model.transformer.h[0], 1)
+    autoshard.pipeline_stage(model.transformer.h[1], 0)
+    with pytest.raises(autoshard.InputError, match="backwards"):
+        autoshard.plan(model, tokens(16, 64), "a100-80g:8")

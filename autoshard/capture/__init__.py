@@ -11,7 +11,7 @@ from torch import nn
 from autoshard.capture.build import build_graph_ir
 from autoshard.capture.export import export_model
 from autoshard.capture.inputs import model_device, normalize_inputs
-from autoshard.hints import record_module_names
+from autoshard.hints import record_module_names, step_hints
 from autoshard.ir.graph import GraphIR
 
 __all__ = ["capture"]
@@ -30,7 +30,12 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphIR:
     exported = export_model(model, args)
     ir = build_graph_ir(model, exported)
     batch = _batch_size(args)
-    return dataclasses.replace(ir, batch_size=batch, recapture=_Recapture(model, args) if batch else None)
+    return dataclasses.replace(
+        ir,
+        batch_size=batch,
+        recapture=_Recapture(model, args) if batch else None,
+        step_hints=step_hints(model),
+    )
 
 
 def _batch_size(args: tuple[Any, ...]) -> int | None:

@@ -17,6 +17,7 @@ from autoshard.hints.modules import (
     shardable,
 )
 from autoshard.hints.ops import SHARD_OP, hints_in_graph, is_shard_node, shard_tensor
+from autoshard.hints.step import block_hints, pipeline_stage, recompute, step_hints
 from autoshard.hints.spec import MESH_AXES, DimSpec, TensorHint, mesh_sizes, parse_spec
 
 __all__ = [
@@ -29,7 +30,11 @@ __all__ = [
     "hints_in_graph",
     "is_shard_node",
     "mesh_sizes",
+    "block_hints",
     "module_hints",
+    "pipeline_stage",
+    "recompute",
+    "step_hints",
     "parse_spec",
     "record_module_names",
     "shard",

@@ -273,9 +273,16 @@ def _shard_method(
     return shard_module(module, in_strategy, out_strategy, name=name)
 
 
+def _recompute_method(module: M, mode: str = "full", *, name: str | None = None) -> M:
+    """Recompute this module's blocks in backward (MindSpore ``Cell.recompute()``)."""
+    from autoshard.hints.step import recompute
+
+    return recompute(module, mode)
+
+
 # The methods @shardable gives each submodule: name -> function(module, *args, name=qualname, **kwargs).
-# Later hint kinds (pipeline stages, recomputation) are added here.
-_INSTANCE_METHODS: dict[str, Callable[..., Any]] = {"shard": _shard_method}
+# (`module.pipeline_stage = k` needs no method: it is a plain attribute, read at capture.)
+_INSTANCE_METHODS: dict[str, Callable[..., Any]] = {"shard": _shard_method, "recompute": _recompute_method}
 
 
 def shardable(target: T) -> T:

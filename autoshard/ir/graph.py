@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -109,6 +109,8 @@ class GraphIR:
     # same model at another batch size (the planner prices one micro-batch of a pipeline that way).
     batch_size: int | None = None
     recapture: Callable[[int], GraphIR] | None = field(default=None, compare=False, repr=False)
+    # pipeline_stage / recompute hints by module path (autoshard.hints.step)
+    step_hints: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
 
     def node(self, name: str) -> NodeInfo:
         """The node called `name`."""

@@ -28,7 +28,7 @@ from torch.distributed.tensor import Placement
 
 from autoshard.cost_model import Cluster
 from autoshard.errors import InputError
-from autoshard.hints import hints_in_graph
+from autoshard.hints import block_hints, hints_in_graph
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import RECOMPUTE, Plan, Prediction, Training
 from autoshard.report.table import format_count
@@ -114,11 +114,21 @@ def search_step(
         )
     limit = float(memory_limit if memory_limit is not None else cluster.hardware.hbm_bytes)
     blocks = repeated_blocks(ir)
+    pinned_stages, pinned_modes = block_hints(ir.step_hints, blocks)
     chains = _Chains(ir, cluster, optimizer, precision, param_placements, time_limit_s, say)
     evaluated: list[tuple[Config, StepEstimate]] = []
     skipped: list[tuple[str, str]] = []
     splits: dict[tuple[object, ...], tuple[int, ...]] = {}
-    for dp, tp, pp in _meshes(cluster, len(blocks), fixed.mesh):
+    meshes = _meshes(cluster, len(blocks), fixed.mesh)
+    if pinned_stages is not None:
+        meshes = [(dp, tp, pp) for dp, tp, pp in meshes if pp == len(pinned_stages)]
+        if not meshes:
+            raise InputError(
+                f"the pipeline_stage hints make {len(pinned_stages)} stages {pinned_stages}, which no mesh "
+                f"considered has as pp (mesh {dict(fixed.mesh) if fixed.mesh else 'searched'}, {cluster}); "
+                "change the hints or the mesh"
+            )
+    for dp, tp, pp in meshes:
         if ir.batch_size % dp:
             skipped.append((f"dp{dp} tp{tp} pp{pp}", f"the batch of {ir.batch_size} does not split over dp={dp}"))
             continue
@@ -131,11 +141,13 @@ def search_step(
                 skipped.append((f"tp{tp} mbs{mbs}", str(exc).splitlines()[0]))
                 continue
             for schedule, v in _schedules(pp, m, len(blocks), fixed.schedule):
+                if pinned_stages is not None and v > 1:
+                    continue  # stage hints name one stage per pp rank
                 for mode in _recompute_modes(blocks, fixed.recompute):
-                    modes = (mode,) * len(blocks)
+                    modes = _modes(mode, pinned_modes)
                     key = (tp, mbs, pp * v, mode)
                     if pp > 1 and key not in splits:
-                        splits[key] = split_blocks(chain, pp * v, modes)
+                        splits[key] = pinned_stages or split_blocks(chain, pp * v, modes)
                     for zero in _zero_stages(dp, fixed.zero_stage):
                         config = Config(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=m,
                                         schedule=schedule, virtual_stages=v, zero_stage=zero, recompute=mode)
@@ -161,7 +173,8 @@ def search_step(
         )
     best, estimate = fits[0]
     say(f"best: {best.describe()}: {estimate.step_time_s:.3g} s per step; solving its operator plan on dp x tp")
-    plan = _final_plan(ir, cluster, best, estimate, chains, optimizer, precision, limit, blocks, time_limit_s)
+    plan = _final_plan(ir, cluster, best, estimate, chains, optimizer, precision, limit, blocks, time_limit_s,
+                       _modes(best.recompute, pinned_modes))
     alternatives = _alternatives(best, estimate, evaluated, limit) + [
         {"config": where, "reason": reason} for where, reason in skipped
     ]
@@ -219,6 +232,11 @@ def _recompute_modes(blocks: Sequence[str], fixed: str | None) -> list[str]:
     if fixed is not None:
         return [fixed]
     return list(RECOMPUTE) if blocks else ["none"]
+
+
+def _modes(free: str, pinned: Sequence[str | None]) -> tuple[str, ...]:
+    """Recompute mode per block: the hinted ones, and `free` for the rest."""
+    return tuple(p or free for p in pinned)
 
 
 def _divisors(n: int) -> list[int]:
@@ -294,6 +312,7 @@ def _final_plan(
     limit: float,
     blocks: tuple[str, ...],
     time_limit_s: float,
+    modes: tuple[str, ...],
 ) -> Plan:
     operator_axes = {k: v for k, v in (("dp", best.dp), ("tp", best.tp)) if v > 1} or {"dp": 1}
     if best.dp == 1:
@@ -321,7 +340,7 @@ def _final_plan(
         micro_batch_size=best.micro_batch_size,
         num_micro_batches=best.num_micro_batches,
         zero_stage=best.zero_stage,
-        recompute=(best.recompute,) * len(blocks),
+        recompute=modes,
         precision=precision,
     )
     return dataclasses.replace(
