@@ -51,10 +51,24 @@ def plan_report(plan: Plan, *, depth: int | None = None) -> str:
     rows.append(["total", "", "", "", _ms(p.compute_s), _ms(p.comm_s), format_count(p.peak_memory_bytes, unit="B")])
     mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
     s = plan.solver
+    t = plan.training
+    summary = plan.summary()
+    per_micro_batch = t.pp > 1 or t.num_micro_batches > 1
     head = [
-        f"Plan for {plan.model} on {plan.cluster}, mesh {mesh}, optimizer {plan.optimizer}",
-        f"  step time {p.step_time_s * 1e3:.3f} ms (compute {p.compute_s * 1e3:.3f} ms, "
-        f"communication {p.comm_s * 1e3:.3f} ms); sends {format_count(p.comm_bytes, unit='B')} per device",
+        f"Plan for {plan.model} on {plan.cluster}, mesh {mesh}, optimizer {plan.optimizer}, {t.precision}",
+        f"  step: {t.num_micro_batches} micro-batch(es) of {t.micro_batch_size} per replica"
+        + (f", {t.pp} pipeline stages of {list(t.stages)} blocks, {t.schedule}"
+           + (f" ({t.virtual_stages} stages per rank)" if t.virtual_stages > 1 else "")
+           + f", bubble {p.bubble_fraction:.1%}" if t.pp > 1 else "")
+        + f"; ZeRO stage {t.zero_stage}; recompute {summary['recompute']}",
+        f"  step time {_time(p.step_time_s)}"
+        + (f" = pipeline {_time(p.pipeline_s)} + gradient sync {_time(p.sync_s)} + optimizer {_time(p.optimizer_s)}"
+           if p.pipeline_s and (p.sync_s or p.optimizer_s) else "")
+        + f"; {summary['tokens_per_s']:,.0f} tokens/s, {summary['tflops_per_device']:.1f} TFLOP/s per device, "
+        f"MFU {summary['mfu']:.1%}",
+        f"  {'one micro-batch (the table below)' if per_micro_batch else 'compute and communication'}: "
+        f"compute {p.compute_s * 1e3:.3f} ms, communication {p.comm_s * 1e3:.3f} ms; sends "
+        f"{format_count(p.comm_bytes, unit='B')} per device",
         f"  memory per device {format_count(p.peak_memory_bytes, unit='B')} of "
         f"{format_count(plan.memory_limit_bytes, unit='B')}: parameters "
         f"{format_count(p.parameters_bytes, unit='B')}, gradients {format_count(p.gradients_bytes, unit='B')}, "
@@ -70,7 +84,28 @@ def plan_report(plan: Plan, *, depth: int | None = None) -> str:
         f"  how each axis is used (share of compute time): {_axis_usage(plan)}",
     ]
     table = format_table(["module", "op", "placement", "count", "compute", "comm", "memory"], rows)
-    return "\n".join(head) + "\n\n" + table
+    text = "\n".join(head) + "\n\n" + table
+    if len(p.stage_memory) > 1:
+        text += "\n\nMemory per device of each pipeline rank\n" + _stage_memory(plan)
+    return text
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1e3:.3f} ms"
+
+
+def _stage_memory(plan: Plan) -> str:
+    t = plan.training
+    rows = []
+    for rank, m in enumerate(plan.predicted.stage_memory):
+        stages = range(rank, len(t.stages), t.pp)
+        blocks = sum(t.stages[s] for s in stages)
+        rows.append([
+            str(rank), str(blocks),
+            *(format_count(m[k], unit="B") for k in ("parameters", "gradients", "optimizer_state", "activations")),
+            format_count(sum(m.values()), unit="B"),
+        ])
+    return format_table(["pp rank", "blocks", "parameters", "gradients", "optimizer", "activations", "total"], rows)
 
 
 def _ms(seconds: float) -> str:
@@ -90,7 +125,7 @@ def _axis_usage(plan: Plan) -> str:
     """Per mesh axis, the share of compute time whose output it splits along the batch (dim 0), along
     another dim, as a partial sum, or not at all: the axis names say where an axis lies, this says
     what the solver used it for."""
-    totals = [defaultdict(float) for _ in plan.mesh]
+    totals = [defaultdict(float) for _ in plan.operator_mesh]
     for d in plan.nodes:
         if not d.op or not d.compute_s or not d.output or d.output[0] is None:
             continue
@@ -99,7 +134,7 @@ def _axis_usage(plan: Plan) -> str:
             kind = "batch" if p == "S(0)" else "replicated" if p == "R" else "partial" if p.startswith("P") else "other dims"
             totals[axis][kind] += d.compute_s
     out = []
-    for name, usage in zip(plan.mesh, totals):
+    for name, usage in zip(plan.operator_mesh, totals):
         whole = sum(usage.values()) or 1.0
         shares = ", ".join(f"{k} {v / whole:.0%}" for k, v in sorted(usage.items(), key=lambda kv: -kv[1]) if v / whole >= 0.005)
         out.append(f"{name}: {shares}")

@@ -159,7 +159,8 @@ def search_step(
                         evaluated.append((config, estimate))
     say(f"priced {len(evaluated):,} configurations")
     fits = sorted(
-        ((c, e) for c, e in evaluated if e.peak_memory_bytes <= limit), key=lambda ce: ce[1].step_time_s
+        ((c, e) for c, e in evaluated if e.peak_memory_bytes <= limit),
+        key=lambda ce: (ce[1].step_time_s, ce[1].peak_memory_bytes),  # on a tie, the leaner
     )
     if not fits:
         smallest = min((e.peak_memory_bytes for _, e in evaluated), default=math.inf)
