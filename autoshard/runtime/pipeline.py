@@ -223,7 +223,7 @@ class PipelinedModel:
                 readers[c] = readers.get(c, 0) + 1
         self._shared = sorted(c for c, k in readers.items() if k > 1)  # the same list on every rank
         self._placements = placements
-        self._shapes = {info.name: info.meta.shape for info in ir.params}
+        self._shapes = {info.name: (info.meta.shape, info.meta.dtype) for info in ir.params}
 
         loss_inputs = [boundary(n) for n in self.split.loss.inputs[:-1]]
         target_spec = spec_from_str(_placement(decisions, self.split.target, plan))
@@ -305,7 +305,8 @@ class PipelinedModel:
             copies = [self.stage_params[sid][c] for sid in self.stage_ids if c in self.stage_params[sid]]
             if copies and not copies[0].requires_grad:
                 continue
-            total = torch.zeros(_local_shape(self._shapes[c], self.operator_mesh, self._placements[c]))
+            shape, dtype = self._shapes[c]
+            total = torch.zeros(_local_shape(shape, self.operator_mesh, self._placements[c]), dtype=dtype)
             for p in copies:
                 if p.grad is not None:
                     total += p.grad.to_local()
