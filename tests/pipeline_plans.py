@@ -12,6 +12,8 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
@@ -41,10 +43,32 @@ TP_SPLITS: dict[str, dict[str, Placement]] = {
 }
 
 
+class SkipModel(nn.Module):
+    """Embedding, `n_layer` small blocks, and a skip connection from the embedding to the head: with one
+    block per stage the embedding's output is read only by the last stage, so it passes through every
+    stage in between."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, n_layer: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(n_layer))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x0 = self.embed(idx)  # (B, T, C)
+        x = x0
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x + x0)  # (B, T, vocab)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 def block_paths(model: nn.Module) -> tuple[str, ...]:
-    """Module paths of the repeated blocks: GPT's transformer.h.i, LLaMA's layers.i."""
+    """Module paths of the repeated blocks: GPT's transformer.h.i, LLaMA's layers.i, SkipModel's blocks.i."""
     if hasattr(model, "transformer"):
         return tuple(f"transformer.h.{i}" for i in range(len(model.transformer.h)))
+    if hasattr(model, "blocks"):
+        return tuple(f"blocks.{i}" for i in range(len(model.blocks)))
     return tuple(f"layers.{i}" for i in range(len(model.layers)))
 
 
@@ -61,9 +85,9 @@ def pipelined_plan(
 ) -> Plan:
     """A plan for `model` with `pp` pipeline ranks (`virtual_stages` stages each, blocks split evenly unless
     `stages` is given) over `operator_mesh`, planned for `micro_batch` (one micro-batch of every replica)."""
-    family = "gpt" if hasattr(model, "transformer") else "llama"
     forced = None
     if "tp" in operator_mesh:
+        family = "gpt" if hasattr(model, "transformer") else "llama"
         forced = {
             pat: tuple(p if axis == "tp" else Replicate() for axis in operator_mesh)
             for pat, p in TP_SPLITS[family].items()

@@ -20,7 +20,7 @@ from autoshard.passes.codegen import codegen
 from autoshard.passes.stages import split_stages
 from autoshard.runtime.pipeline import _check_plan, first_micro_batch
 
-from pipeline_plans import block_paths  # tests/ is on sys.path under pytest
+from pipeline_plans import SkipModel, block_paths  # tests/ is on sys.path under pytest
 
 
 def _captured(preset: str, layers: int, *, targets: bool = True):
@@ -117,3 +117,16 @@ def test_example_inputs_of_the_global_batch_are_cut_to_one_micro_batch(gpt) -> N
     assert [tuple(x.shape) for x in first_micro_batch(batch, pipelined)] == [(2, 16), (2, 16)]
     micro = tuple(x[:2] for x in batch)
     assert [tuple(x.shape) for x in first_micro_batch(micro, pipelined)] == [(2, 16), (2, 16)]
+
+
+def test_a_value_read_two_stages_later_is_passed_through_the_stage_between() -> None:
+    torch.manual_seed(0)
+    model = SkipModel(n_layer=3)
+    example = (torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+    ir = autoshard.capture(model, example)
+    plan = autoshard.plan_graph(ir, "cpu:2", mesh={"dp": 2}, optimizer="sgd")
+    training = Training(pp=3, blocks=block_paths(model), stages=(1, 1, 1), schedule="gpipe")
+    first, middle, last = split_stages(codegen(ir, plan), ir, training).stages
+    (embedding,) = [n.name for n in first.graph_module.graph.nodes if n.target is torch.ops.aten.embedding.default]
+    assert embedding in first.outputs and embedding in middle.inputs and embedding in middle.outputs
+    assert embedding in last.inputs

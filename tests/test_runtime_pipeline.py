@@ -5,7 +5,8 @@ this runs real ranks under torchrun. Each rank checks itself against the single-
 (tests/dist/pipeline_matches.py): loss per step, gradients after step 1, every parameter (and every copy
 of a parameter two stages share) after 3 SGD steps, rtol = atol = 1e-5. One torchrun serves all cases:
 gpt-tiny and llama-tiny with pp=2 x dp=2 under GPipe, 1F1B and interleaved 1F1B (4 blocks, 2 virtual
-stages per rank), and pp=2 x tp=2 (Megatron split) under 1F1B.
+stages per rank), and pp=2 x tp=2 (Megatron split) under 1F1B; and a toy model whose embedding output
+skips two stages (passed through) under interleaved 1F1B.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from autoshard.runtime.launch import run_local
 DIST = Path(__file__).parent / "dist"
 CASES = (
     "gpt-gpipe", "gpt-1f1b", "gpt-interleaved", "gpt-tp",
-    "llama-gpipe", "llama-1f1b", "llama-interleaved", "llama-tp",
+    "llama-gpipe", "llama-1f1b", "llama-interleaved", "llama-tp", "skip-interleaved",
 )  # fmt: skip
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,9 @@ per stage), as `torch.fx.passes.split_module` does:
 
 - a node inside block `b` (its module path is `training.blocks[b]` or below it) goes to the stage that
   runs block `b` (`Training.stage_blocks`);
-- a node outside every block goes to stage 0 if it comes before the first block in graph order
-  (embeddings), to the last stage if it comes after the last block (final norm, head);
+- a node outside every block goes with the block before it in graph order: stage 0 if it comes before
+  the first block (embeddings), the last stage after the last block (final norm, head), and between
+  blocks the stage of the block it follows (a residual add written outside the block);
 - codegen's own nodes (`redistribute`, `grad_to`) sit right before their consumer and go with it;
   a `getitem` goes with the node it unpacks;
 - *constant* nodes, computed from nothing but factory ops and buffers (LLaMA's RoPE cos/sin tables,
@@ -71,7 +72,6 @@ def split_stages(gm: GraphModule, ir: GraphIR, training: Training) -> StageSplit
     state = {p for p in placeholders if kinds.get(p.name) is not InputKind.USER_INPUT}
     user_inputs = [p for p in placeholders if p not in state]
     block_of = _block_index(ir, training.blocks)
-    in_block = [node for node in nodes if block_of(node) is not None]
 
     params = {p for p in state if kinds[p.name] is InputKind.PARAMETER}
     constant = _constant_nodes(nodes, state - params)
@@ -81,9 +81,13 @@ def split_stages(gm: GraphModule, ir: GraphIR, training: Training) -> StageSplit
     loss_value = _loss_value(output, tail)
 
     # ---- policy: a stage per node (n stands for the loss tail) --------------------------------------
-    position = {node: i for i, node in enumerate(nodes)}
-    first, last = position[in_block[0]], position[in_block[-1]]
     block_stage = {b: s for s in range(n) for b in training.stage_blocks(s)}
+    preceding: dict[Node, int] = {}  # the stage of the last block node before each node in graph order
+    current = 0
+    for node in nodes:
+        if (b := block_of(node)) is not None:
+            current = block_stage[b]
+        preceding[node] = current
     stage: dict[Node, int] = {}
     for node in reversed(nodes):  # consumers before producers: codegen's nodes follow their consumer
         if node in state or node in constant or node is output:
@@ -96,15 +100,8 @@ def split_stages(gm: GraphModule, ir: GraphIR, training: Training) -> StageSplit
             stage[node] = block_stage[b]
         elif node.target in (redistribute, grad_to):
             stage[node] = min((min(stage.get(u, n), n - 1) for u in node.users), default=n - 1)
-        elif position[node] < first:
-            stage[node] = 0
-        elif position[node] > last:
-            stage[node] = n - 1
         else:
-            raise InputError(
-                f"node {node.name} ({node.target}) lies between blocks but belongs to none of them; "
-                f"expected every node between {training.blocks[0]} and {training.blocks[-1]} inside a block"
-            )
+            stage[node] = preceding[node]
     for node in nodes:  # a getitem travels with the tuple it unpacks
         if node.op == "call_function" and node.target is operator.getitem and node in stage:
             source = node.args[0]

@@ -29,7 +29,7 @@ from autoshard.errors import InputError  # noqa: E402
 from autoshard.ir.plan import Plan  # noqa: E402
 from autoshard.models import build  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
-from pipeline_plans import pipelined_plan  # noqa: E402
+from pipeline_plans import SkipModel, pipelined_plan  # noqa: E402
 
 STEPS = 3
 LR = 0.1
@@ -46,13 +46,19 @@ CASES: dict[str, tuple[str, int | None, str, int, dict[str, int]]] = {
     "llama-1f1b": ("llama-tiny", None, "1f1b", 1, {"dp": 2}),
     "llama-interleaved": ("llama-tiny", 4, "interleaved-1f1b", 2, {"dp": 2}),
     "llama-tp": ("llama-tiny", None, "1f1b", 1, {"tp": 2}),
+    # the embedding's output skips stages 1 and 2 to reach the head on stage 3 (ranks 0 -> 1 -> 0 -> 1)
+    "skip-interleaved": ("skip", 4, "interleaved-1f1b", 2, {"dp": 2}),
 }
 
 
 def make(preset: str, layers: int | None) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
-    model = build(preset, device="cpu", **({"n_layer": layers} if layers else {}))
-    vocab = model.config.vocab_size
+    if preset == "skip":
+        model: nn.Module = SkipModel(n_layer=layers or 4)
+        vocab = model.embed.num_embeddings
+    else:
+        model = build(preset, device="cpu", **({"n_layer": layers} if layers else {}))
+        vocab = model.config.vocab_size
     shape = (MICRO * N_MICRO, SEQ)
     return model, [(torch.randint(0, vocab, shape), torch.randint(0, vocab, shape)) for _ in range(STEPS)]
 
