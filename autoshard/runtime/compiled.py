@@ -39,6 +39,7 @@ from autoshard.strategies.mesh import spec_from_str
 
 if TYPE_CHECKING:
     from autoshard.runtime.comm import CommReport
+    from autoshard.runtime.pipeline import PipelinedModel
 
 __all__ = ["CompiledModel", "compile"]
 
@@ -57,13 +58,16 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     loss_fn: Callable[..., torch.Tensor] | None = None,
     seed: int | None = None,
     **optimizer_kwargs: Any,
-) -> CompiledModel:
+) -> CompiledModel | PipelinedModel:
     """Capture, plan (unless `plan` is given), generate code and shard `model` over the process group.
 
     `cluster` defaults to `"cpu:<world size>"`; `mesh` fixes the axes as in `autoshard.plan`. A plan solved
     here is broadcast from rank 0 so every rank runs the same one even if solvers disagreed (they are
     deterministic; the broadcast makes it a guarantee). `loss_fn(*outputs)` turns the model's outputs
     into a scalar loss for `train_step`; without it the model's first output is the loss.
+
+    A plan with pipeline stages (`plan.training.pp > 1`) returns a `PipelinedModel` (runtime/pipeline.py): its
+    example inputs are one micro-batch (the global batch is cut to its first), `train_step` takes the global batch.
 
     A model built on the meta device (too big for one device) needs `seed`: only each rank's shards are
     materialised, equal to the model built on cpu after `torch.manual_seed(seed)` (runtime/materialize.py).
@@ -83,6 +87,10 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
             "and every rank must use the same seed"
         )
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if plan is not None and plan.training.pp > 1:
+        from autoshard.runtime.pipeline import first_micro_batch
+
+        inputs = first_micro_batch(inputs, plan)  # a pipelined plan is made for one micro-batch
     ir = capture(model, inputs)
     world = dist.get_world_size()
     if plan is None:
@@ -92,9 +100,24 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
         plan = _broadcast_plan(plan)
     else:
         plan.check_graph(ir)
+    if plan.training.pp > 1:
+        return _pipelined(model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, seed=seed, **optimizer_kwargs)
     return CompiledModel(
         model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, seed=seed, **optimizer_kwargs
     )
+
+
+def _pipelined(
+    model: nn.Module, ir: GraphIR, plan: Plan, *, loss_fn: Callable[..., Any] | None, seed: int | None, **kwargs: Any
+) -> PipelinedModel:
+    if loss_fn is not None or seed is not None:
+        raise InputError(
+            "a pipelined plan (training.pp > 1) takes neither loss_fn nor seed yet: the model must return its loss "
+            "and be built on cpu"
+        )
+    from autoshard.runtime.pipeline import PipelinedModel
+
+    return PipelinedModel(model, ir, plan, **kwargs)
 
 
 def _broadcast_plan(plan: Plan) -> Plan:

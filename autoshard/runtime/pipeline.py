@@ -1,0 +1,439 @@
+"""PipelinedModel: a plan with pipeline stages (`plan.training.pp > 1`) run with torch.distributed.pipelining.
+
+The device mesh is `(pp, *operator axes)`, pp outermost. Every pp rank runs its stages' share of the
+generated DTensor graph (passes/codegen.py, cut by passes/stages.py) on its operator sub-mesh (dp, tp ...)
+exactly as CompiledModel runs the whole graph; between stages torch's `PipelineStage` sends plain local
+tensors, so each stage module turns its received local tensors into DTensors with the planned placements
+(`DTensor.from_local`) and its outputs back into local tensors (`to_local`); both carry autograd, so the
+gradients that travel back are the local shards of the true gradients. A boundary value the plan leaves
+Partial is reduced (to Replicate) before it is sent: a partial sum has no meaning on another rank.
+
+Batch convention (shared with the solver): the graph is captured, and the plan made, for one micro-batch
+of every data-parallel replica, `micro_batch_size * dp` sequences. `train_step` takes the global batch,
+`num_micro_batches` times that, and the schedule splits it along dim 0.
+
+The loss: the model's forward(inputs..., targets) returns the mean loss. The nodes that read the targets
+(the loss tail) become the schedule's `loss_fn(output, target)` on the last stage, so targets never travel
+through the pipeline. Each micro-batch's loss is the mean over that micro-batch; the schedule scales the
+gradients by 1 / num_micro_batches (`scale_grads=True`), so gradients equal the single-device gradients of
+the global-batch mean, and `train_step` returns the mean of the micro-batch losses (equal sizes: the
+global mean), broadcast from the last stage to every rank.
+
+Shared parameters: a parameter read by two stages (GPT's tied wte / lm_head) gets a copy on each. After
+backward the copies' gradients are summed (over the pp axis; Megatron's embedding all-reduce), so every
+copy takes the same optimizer step and the copies stay equal.
+
+Rank semantics: `parameters` holds the parameters of this rank's stages (for a shared one, its first copy);
+`full_state_dict()` is collective and returns every stage's parameters, unsharded, on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
+from torch.export.graph_signature import InputKind
+from torch.fx import Node
+
+from autoshard.errors import InputError
+from autoshard.ir.graph import GraphIR
+from autoshard.ir.plan import Plan, Training
+from autoshard.passes.codegen import as_dtensor, codegen, grad_to, redistribute, use_mesh
+from autoshard.passes.stages import StageGraph, StageSplit, split_stages
+from autoshard.strategies.mesh import spec_from_str
+
+__all__ = ["PipelinedModel", "first_micro_batch"]
+
+_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
+
+
+def first_micro_batch(inputs: tuple[Any, ...], plan: Plan) -> tuple[Any, ...]:
+    """The example inputs to capture for a pipelined plan: one micro-batch of every replica.
+
+    Example inputs of the global batch (`num_micro_batches` micro-batches) are cut to the first; inputs
+    already one micro-batch long are kept."""
+    t = plan.training
+    micro = t.micro_batch_size * plan.axis_size("dp")
+    if t.micro_batch_size <= 0 or t.num_micro_batches == 1:
+        return inputs
+    return tuple(
+        x[:micro] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == micro * t.num_micro_batches else x
+        for x in inputs
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Boundary:
+    """How a value crosses a stage boundary: its placement (no Partial) and global shape."""
+
+    spec: tuple[Placement, ...]
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def enter(self, local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+        stride = _contiguous(self.shape)
+        return DTensor.from_local(local, mesh, self.spec, run_check=False, shape=self.shape, stride=stride)
+
+    def leave(self, value: Any, mesh: DeviceMesh) -> torch.Tensor:
+        if not isinstance(value, DTensor):
+            raise InputError(f"expected a DTensor at a stage boundary, found {type(value).__name__}")
+        if tuple(value.placements) != self.spec:
+            value = value.redistribute(mesh, self.spec)
+        return value.to_local().contiguous()
+
+
+class _StageModule(nn.Module):
+    """One pipeline stage: local tensors in, the stage's share of the DTensor graph, local tensors out."""
+
+    def __init__(
+        self,
+        piece: StageGraph,
+        mesh: DeviceMesh,
+        params: Mapping[str, nn.Parameter],
+        tensors: Mapping[str, DTensor],
+        inputs: Sequence[_Boundary | tuple[Placement, ...]],
+        outputs: Sequence[_Boundary],
+    ) -> None:
+        super().__init__()
+        self.graph_module = piece.graph_module
+        self.mesh = mesh
+        for name in piece.state:
+            if name in params:
+                self.register_parameter(name, params[name])
+        self._state = [params[n] if n in params else tensors[n] for n in piece.state]  # graph order
+        self._inputs = list(inputs)
+        self._outputs = list(outputs)
+
+    def forward(self, *values: torch.Tensor) -> Any:
+        args = [
+            b.enter(v, self.mesh) if isinstance(b, _Boundary) else distribute_tensor(v, self.mesh, b)
+            for b, v in zip(self._inputs, values, strict=True)
+        ]
+        with use_mesh(self.mesh):
+            out = self.graph_module(*self._state, *args)
+        locals_ = tuple(b.leave(v, self.mesh) for b, v in zip(self._outputs, out, strict=True))
+        return locals_[0] if len(locals_) == 1 else locals_
+
+
+class _LossFn:
+    """The loss tail as the schedule's `loss_fn(output, target)`: the scalar loss as a plain tensor."""
+
+    def __init__(self, piece: StageGraph, mesh: DeviceMesh, inputs: Sequence[_Boundary], target: tuple) -> None:
+        self.piece, self.mesh, self.inputs, self.target = piece, mesh, list(inputs), target
+
+    def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        args = [b.enter(v, self.mesh) for b, v in zip(self.inputs, outputs, strict=True)]
+        args.append(distribute_tensor(target, self.mesh, self.target))
+        with use_mesh(self.mesh):
+            (loss,) = self.piece.graph_module(*args)
+        if loss.numel() != 1:
+            raise InputError(f"expected a scalar loss, found shape {tuple(loss.shape)}; the model must return the loss")
+        return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
+class PipelinedModel:
+    """A plan with pipeline stages: `train_step`, `full_state_dict`, `parameters`, as CompiledModel."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ir: GraphIR,
+        plan: Plan,
+        *,
+        optimizer: str = "sgd",
+        lr: float = 1e-3,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        from autoshard.runtime.compiled import _owned_copy, _param_spec
+
+        t = plan.training
+        _check_plan(plan)
+        self.plan, self.ir, self.training = plan, ir, t
+        self.mesh = _build_mesh(plan)
+        self.operator_mesh: DeviceMesh = self.mesh[tuple(plan.operator_mesh)]
+        self.pp_group = self.mesh.get_group("pp")
+        self.pp_rank = self.mesh.get_local_rank("pp")
+        op_plan = dataclasses.replace(plan, mesh=plan.operator_mesh)
+        self.graph_module = codegen(ir, op_plan, device=self.mesh.device_type)
+        self.split: StageSplit = split_stages(self.graph_module, ir, t)
+        self.stage_ids = tuple(range(self.pp_rank, len(t.stages), t.pp))
+
+        nodes = {n.name: n for n in self.graph_module.graph.nodes}
+        decisions = {d.node: d for d in plan.nodes}
+        canonical = {n: info.name for info in ir.params for n in info.nodes}
+        self._names = {info.name: info.names for info in ir.params}
+        placements = {
+            info.name: _param_spec(info.name, plan.params.get(info.name) or _replicated(plan)) for info in ir.params
+        }
+        tensors = self._state_tensors(model, nodes, decisions)
+        user_inputs = [s.arg.name for s in ir.exported.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
+        self._user_inputs = user_inputs
+        self._micro_shapes = {n: tuple(nodes[n].meta["val"].shape) for n in user_inputs if _is_tensor(nodes[n])}
+
+        def boundary(name: str) -> _Boundary:
+            node = nodes[name]
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise InputError(f"value {name} crosses a stage boundary but is not a tensor ({type(val).__name__})")
+            produced = _produced(node, decisions, placements, canonical) or (Replicate(),) * len(plan.operator_mesh)
+            spec = tuple(Replicate() if p.is_partial() else p for p in produced)
+            return _Boundary(spec, val.shape, val.dtype)
+
+        # one copy of each parameter per stage that reads it; copies of a shared parameter are summed later
+        self.stage_params: dict[int, dict[str, nn.Parameter]] = {}
+        self.modules: list[_StageModule] = []
+        for sid in self.stage_ids:
+            piece = self.split.stages[sid]
+            params: dict[str, nn.Parameter] = {}
+            by_canonical: dict[str, nn.Parameter] = {}
+            for name in piece.state:
+                if name not in canonical:
+                    continue
+                c = canonical[name]
+                if c not in by_canonical:
+                    full = _owned_copy(model.get_parameter(c).detach())
+                    by_canonical[c] = nn.Parameter(
+                        distribute_tensor(full, self.operator_mesh, placements[c]),
+                        requires_grad=model.get_parameter(c).requires_grad,
+                    )
+                params[name] = by_canonical[c]
+            self.stage_params[sid] = by_canonical
+            inputs = [
+                spec_from_str(_placement(decisions, n, plan)) if sid == 0 else boundary(n) for n in piece.inputs
+            ]
+            self.modules.append(
+                _StageModule(piece, self.operator_mesh, params, tensors, inputs, [boundary(n) for n in piece.outputs])
+            )
+        self.parameters: dict[str, nn.Parameter] = {}
+        for sid in self.stage_ids:
+            for c, p in self.stage_params[sid].items():
+                self.parameters.setdefault(c, p)
+        readers: dict[str, int] = {}
+        for piece in self.split.stages:
+            for c in {canonical[n] for n in piece.state if n in canonical}:
+                readers[c] = readers.get(c, 0) + 1
+        self._shared = sorted(c for c, k in readers.items() if k > 1)  # the same list on every rank
+        self._placements = placements
+        self._shapes = {info.name: (info.meta.shape, info.meta.dtype) for info in ir.params}
+
+        loss_inputs = [boundary(n) for n in self.split.loss.inputs[:-1]]
+        target_spec = spec_from_str(_placement(decisions, self.split.target, plan))
+        self.loss_fn = _LossFn(self.split.loss, self.operator_mesh, loss_inputs, target_spec)
+        device = torch.device(self.mesh.device_type)
+        self.stages = [
+            PipelineStage(m, sid, len(t.stages), device, group=self.pp_group)
+            for m, sid in zip(self.modules, self.stage_ids, strict=True)
+        ]
+        schedule = _SCHEDULES[t.schedule]
+        if t.schedule == "interleaved-1f1b":
+            self.schedule = schedule(self.stages, t.num_micro_batches, loss_fn=self.loss_fn, scale_grads=True)
+        else:
+            self.schedule = schedule(self.stages[0], t.num_micro_batches, loss_fn=self.loss_fn, scale_grads=True)
+
+        all_params = [p for sid in self.stage_ids for p in self.stage_params[sid].values()]
+        if optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(all_params, lr=lr, **optimizer_kwargs)
+        elif optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(all_params, lr=lr, **optimizer_kwargs)
+        else:
+            raise InputError(f"expected optimizer 'sgd' or 'adamw', found {optimizer!r}")
+
+    # ---- running ------------------------------------------------------------------------------------
+
+    def train_step(self, *inputs: Any) -> float:
+        """One step on the global batch (identical on every rank): the schedule's forward and backward over
+        `num_micro_batches` micro-batches, gradients to their parameters' placements, shared parameters'
+        gradients summed, optimizer step. Returns the mean loss over the global batch on every rank."""
+        args, target = self._micro_batched(inputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses: list[torch.Tensor] = []
+        has_first = 0 in self.stage_ids
+        has_last = len(self.training.stages) - 1 in self.stage_ids
+        self.schedule.step(
+            *(args if has_first else ()),
+            target=target if has_last else None,
+            losses=losses if has_last else None,
+            return_outputs=False,
+        )
+        for sid in self.stage_ids:
+            for p in self.stage_params[sid].values():
+                if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
+                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+        self._sum_shared_gradients()
+        self.optimizer.step()
+        loss = torch.stack([x.detach() for x in losses]).mean() if has_last else torch.zeros(())
+        loss = loss.reshape(()).to(torch.float32).clone()
+        src = dist.get_global_rank(self.pp_group, self.training.pp - 1)
+        dist.broadcast(loss, src=src, group=self.pp_group)
+        return float(loss)
+
+    def _micro_batched(self, inputs: Sequence[Any]) -> tuple[list[Any], torch.Tensor]:
+        if len(inputs) != len(self._user_inputs):
+            raise InputError(
+                f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), found {len(inputs)}; "
+                "pass the global batch of the same arguments as the example inputs"
+            )
+        n = self.training.num_micro_batches
+        for name, x in zip(self._user_inputs, inputs, strict=True):
+            micro = self._micro_shapes.get(name)
+            if micro is None or not isinstance(x, torch.Tensor):
+                continue
+            want = (micro[0] * n, *micro[1:])
+            if tuple(x.shape) != want:
+                raise InputError(
+                    f"expected input {name} of shape {want} ({n} micro-batches of {micro[0]}, the batch the plan "
+                    f"was made for), found {tuple(x.shape)}; pass a global batch of num_micro_batches x "
+                    "micro_batch_size x dp sequences"
+                )
+        by_name = dict(zip(self._user_inputs, inputs, strict=True))
+        target = by_name[self.split.target]
+        args = [by_name[n] for n in self.split.stages[0].inputs]
+        return args, target
+
+    def _sum_shared_gradients(self) -> None:
+        """Sum the gradients of a parameter's copies on every stage that reads it (over the pp axis)."""
+        for c in self._shared:
+            copies = [self.stage_params[sid][c] for sid in self.stage_ids if c in self.stage_params[sid]]
+            if copies and not copies[0].requires_grad:
+                continue
+            shape, dtype = self._shapes[c]
+            total = torch.zeros(_local_shape(shape, self.operator_mesh, self._placements[c]), dtype=dtype)
+            for p in copies:
+                if p.grad is not None:
+                    total += p.grad.to_local()
+            dist.all_reduce(total, group=self.pp_group)
+            for p in copies:
+                p.grad = DTensor.from_local(
+                    total.clone(), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                )
+
+    # ---- inspection -----------------------------------------------------------------------------------
+
+    @property
+    def code(self) -> str:
+        """Each of this rank's stages' generated source, under a header naming the stage."""
+        return "\n".join(f"# ---- stage {sid} ----\n{m.graph_module.code}" for sid, m in zip(self.stage_ids, self.modules, strict=True))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stage's parameters, unsharded, under every name the model uses, on every rank (collective)."""
+        mine = {c: p.detach().full_tensor() for c, p in sorted(self.parameters.items())}
+        gathered: list[Any] = [None] * self.training.pp
+        dist.all_gather_object(gathered, mine, group=self.pp_group)
+        out: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            for c, full in part.items():
+                for name in self._names[c]:
+                    out.setdefault(name, full)
+        return out
+
+    # ---- setup helpers ------------------------------------------------------------------------------
+
+    def _state_tensors(self, model: nn.Module, nodes: Mapping[str, Node], decisions: Mapping[str, Any]) -> dict[str, DTensor]:
+        """Buffers and lifted constants as DTensors with their planned placements (every stage may read them)."""
+        ep = self.ir.exported
+        out: dict[str, DTensor] = {}
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind is InputKind.BUFFER:
+                value = model.get_buffer(spec.target).detach()
+            elif spec.kind is InputKind.CONSTANT_TENSOR:
+                value = ep.constants[spec.target]
+            else:
+                continue
+            place = spec_from_str(_placement(decisions, spec.arg.name, self.plan))
+            out[spec.arg.name] = distribute_tensor(value, self.operator_mesh, place)
+        return out
+
+
+def _check_plan(plan: Plan) -> None:
+    t: Training = plan.training
+    problems = []
+    if t.pp <= 1:
+        problems.append(f"training.pp is {t.pp}; a plan without pipeline stages runs as CompiledModel")
+    if plan.axis_size("pp") != t.pp or next(iter(plan.mesh), None) != "pp":
+        problems.append(f"the mesh {dict(plan.mesh)} must have 'pp' as its first axis with size training.pp={t.pp}")
+    if not plan.operator_mesh:
+        problems.append("the operator mesh (the mesh without pp) is empty; plan the operator part on e.g. {'dp': 1}")
+    if t.schedule not in _SCHEDULES:
+        problems.append(f"schedule {t.schedule!r} is not one of {sorted(_SCHEDULES)}")
+    if t.schedule == "1f1b" and t.num_micro_batches < t.pp:
+        problems.append(f"1f1b needs at least pp={t.pp} micro-batches, found {t.num_micro_batches}")
+    if t.schedule == "interleaved-1f1b":
+        rounds = max(1, t.num_micro_batches // t.pp)
+        if t.num_micro_batches % rounds:
+            problems.append(
+                f"interleaved-1f1b needs num_micro_batches ({t.num_micro_batches}) to be a multiple of "
+                f"max(1, num_micro_batches // pp) = {rounds}"
+            )
+    if t.zero_stage or any(r != "none" for r in t.recompute) or t.precision != "fp32":
+        problems.append("ZeRO, recomputation and bf16 are not supported with pipeline stages yet")
+    if problems:
+        raise InputError("cannot run this pipelined plan: " + "; ".join(problems))
+
+
+def _build_mesh(plan: Plan) -> DeviceMesh:
+    names = tuple(plan.mesh)
+    sizes = tuple(int(plan.mesh[a]) for a in names)
+    world = dist.get_world_size()
+    if math.prod(sizes) != world:
+        raise InputError(
+            f"expected the world size to equal the plan's mesh {dict(plan.mesh)} ({math.prod(sizes)} devices), "
+            f"found {world}; launch {math.prod(sizes)} ranks or plan for this many devices"
+        )
+    return init_device_mesh("cpu", sizes, mesh_dim_names=names)
+
+
+def _replicated(plan: Plan) -> str:
+    axes = plan.operator_mesh
+    return "(" + ", ".join("R" for _ in axes) + ("," if len(axes) == 1 else "") + ")"
+
+
+def _placement(decisions: Mapping[str, Any], node: str, plan: Plan) -> str:
+    d = decisions.get(node)
+    if d is None or not d.output or d.output[0] is None:
+        return _replicated(plan)
+    return d.output[0]
+
+
+def _produced(
+    node: Node, decisions: Mapping[str, Any], params: Mapping[str, Any], canonical: Mapping[str, str]
+) -> tuple[Placement, ...] | None:
+    """The placement the plan gives the value of `node` (codegen's nodes: the placement they produce);
+    None where the plan says nothing (the sender then makes it replicated)."""
+    if node.op == "call_function" and node.target in (redistribute, as_dtensor):
+        return spec_from_str(node.args[1])
+    if node.op == "call_function" and node.target is grad_to:
+        return _produced(node.args[0], decisions, params, canonical)
+    if node.name in canonical:
+        return params[canonical[node.name]]
+    d = decisions.get(node.name)
+    if d is not None and len(d.output) == 1 and d.output[0] is not None:
+        return spec_from_str(d.output[0])
+    return None
+
+
+def _local_shape(shape: Sequence[int], mesh: DeviceMesh, spec: Sequence[Placement]) -> tuple[int, ...]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local, _ = compute_local_shape_and_global_offset(torch.Size(shape), mesh, list(spec))
+    return tuple(local)
+
+
+def _is_tensor(node: Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return tuple(reversed(stride))

@@ -1,0 +1,173 @@
+"""Run under torchrun (4 gloo ranks): pipelined plans (pp=2 x dp=2 or tp=2) trained as real processes
+match one device.
+
+Usage: python -m torch.distributed.run --nnodes 1 --nproc-per-node 4 --master-addr 127.0.0.1 \
+           --master-port PORT tests/dist/pipeline_matches.py gpt-gpipe llama-1f1b ...
+
+Every rank builds the model from the same seed and trains it on one device itself (the reference), then,
+per case, trains the pipelined copy for 3 steps of SGD on a global batch of 4 micro-batches and compares
+the loss of every step, the gradients after the first step (of the parameters its stages hold) and every
+parameter after the last step (full_state_dict gathers all stages) at fp32 tight tolerance. One process
+group serves every case.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for the plan helper
+
+import autoshard  # noqa: E402
+from autoshard.errors import InputError  # noqa: E402
+from autoshard.ir.plan import Plan  # noqa: E402
+from autoshard.models import build  # noqa: E402
+from autoshard.runtime.launch import rank_session  # noqa: E402
+from pipeline_plans import SkipModel, pipelined_plan  # noqa: E402
+
+STEPS = 3
+LR = 0.1
+RTOL = ATOL = 1e-5
+MICRO, N_MICRO, SEQ = 2, 4, 16  # a micro-batch of 2 sequences (all replicas), 4 of them per step
+
+# case -> (model preset, layers, schedule, virtual stages, operator mesh)
+CASES: dict[str, tuple[str, int | None, str, int, dict[str, int]]] = {
+    "gpt-gpipe": ("gpt-tiny", None, "gpipe", 1, {"dp": 2}),
+    "gpt-1f1b": ("gpt-tiny", None, "1f1b", 1, {"dp": 2}),
+    "gpt-interleaved": ("gpt-tiny", 4, "interleaved-1f1b", 2, {"dp": 2}),
+    "gpt-tp": ("gpt-tiny", None, "1f1b", 1, {"tp": 2}),
+    "llama-gpipe": ("llama-tiny", None, "gpipe", 1, {"dp": 2}),
+    "llama-1f1b": ("llama-tiny", None, "1f1b", 1, {"dp": 2}),
+    "llama-interleaved": ("llama-tiny", 4, "interleaved-1f1b", 2, {"dp": 2}),
+    "llama-tp": ("llama-tiny", None, "1f1b", 1, {"tp": 2}),
+    # the embedding's output skips stages 1 and 2 to reach the head on stage 3 (ranks 0 -> 1 -> 0 -> 1)
+    "skip-interleaved": ("skip", 4, "interleaved-1f1b", 2, {"dp": 2}),
+}
+
+
+def make(preset: str, layers: int | None) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    if preset == "skip":
+        model: nn.Module = SkipModel(n_layer=layers or 4)
+        vocab = model.embed.num_embeddings
+    else:
+        model = build(preset, device="cpu", **({"n_layer": layers} if layers else {}))
+        vocab = model.config.vocab_size
+    shape = (MICRO * N_MICRO, SEQ)
+    return model, [(torch.randint(0, vocab, shape), torch.randint(0, vocab, shape)) for _ in range(STEPS)]
+
+
+def reference(model: nn.Module, batches: list) -> tuple[list[float], dict, dict]:
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses, grads = [], {}
+    for step, batch in enumerate(batches):
+        opt.zero_grad()
+        loss = model(*batch)
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        losses.append(loss.item())
+    return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def shared_plan(model: nn.Module, micro_batch: tuple, schedule: str, virtual: int, mesh: dict[str, int]) -> Plan:
+    """Rank 0 plans; every rank runs that very plan."""
+    box: list = [None]
+    if dist.get_rank() == 0:
+        plan = pipelined_plan(
+            model, micro_batch, pp=2, operator_mesh=mesh, schedule=schedule, num_micro_batches=N_MICRO,
+            virtual_stages=virtual,
+        )  # fmt: skip
+        box = [plan.to_json()]
+    dist.broadcast_object_list(box, src=0)
+    return Plan.from_json(box[0])
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def check(name: str, models: dict) -> dict:
+    preset, layers, schedule, virtual, mesh = CASES[name]
+    model, batches, ref = models[(preset, layers)]
+    ref_losses, ref_grads, ref_params = ref
+    micro = tuple(x[:MICRO] for x in batches[0])
+    plan = shared_plan(model, micro, schedule, virtual, mesh)
+    compiled = autoshard.compile(model, batches[0], plan=plan, optimizer="sgd", lr=LR)
+    losses, grads = [], {}
+    for step, batch in enumerate(batches):
+        losses.append(compiled.train_step(*batch))
+        if step == 0:
+            grads = {n: p.grad.full_tensor() for n, p in sorted(compiled.parameters.items())}
+    params = compiled.full_state_dict()
+    problems = []
+    for sid in compiled.stage_ids:  # every copy of a parameter read by two stages (GPT's tied wte) stays equal
+        for c, p in sorted(compiled.stage_params[sid].items()):
+            full = p.detach().full_tensor()
+            if not torch.allclose(full, ref_params[c], rtol=RTOL, atol=ATOL):
+                problems.append(f"stage {sid}'s copy of {c}: max |diff| {max_diff(full, ref_params[c]):.3g}")
+    for step, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
+        if not math.isclose(got, want, rel_tol=RTOL, abs_tol=ATOL):
+            problems.append(f"loss of step {step}: {got} != {want}")
+    for label, got_all, want_all in (("grad", grads, ref_grads), ("param", params, ref_params)):
+        if set(got_all) - set(want_all):
+            problems.append(f"{label}s the reference lacks: {sorted(set(got_all) - set(want_all))}")
+        for n, got in got_all.items():
+            want = want_all.get(n)
+            if want is not None and not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+                problems.append(f"{label} {n}: max |diff| {max_diff(got, want):.3g}")
+    if set(params) != set(ref_params):
+        problems.append(f"parameter names differ: {sorted(set(params) ^ set(ref_params))}")
+    if "tp" in mesh and not any("S" in spec for spec in plan.params.values()):
+        problems.append("the tensor-parallel plan shards no parameter")
+    return {
+        "mesh": dict(plan.mesh),
+        "stages": compiled.stage_ids,
+        "ok": not problems,
+        "problems": problems,
+        "losses": losses,
+        "reference_losses": ref_losses,
+        "grad_names": sorted(grads),
+        "all_names": sorted(ref_grads),
+        "max_grad_diff": max(max_diff(g, ref_grads[n]) for n, g in grads.items()),
+        "max_param_diff": max(max_diff(p, ref_params[n]) for n, p in params.items()),
+    }
+
+
+def bad_inputs(models: dict) -> dict:
+    """A global batch that is not num_micro_batches x the planned micro-batch is refused before any
+    communication, with a message naming both."""
+    model, batches, _ = models[("gpt-tiny", None)]
+    micro = tuple(x[:MICRO] for x in batches[0])
+    plan = shared_plan(model, micro, "gpipe", 1, {"dp": 2})
+    compiled = autoshard.compile(model, batches[0], plan=plan, optimizer="sgd", lr=LR)
+    try:
+        compiled.train_step(*(x[:6] for x in batches[0]))
+    except InputError as e:
+        return {"ok": "(8, 16)" in str(e) and "(6, 16)" in str(e), "problems": [str(e)]}
+    return {"ok": False, "problems": ["a batch of 6 sequences for 4 micro-batches of 2 was accepted"]}
+
+
+def main(names: list[str]) -> None:
+    with rank_session() as session:
+        models = {}
+        for preset, layers, *_ in (CASES[n] for n in names if n in CASES):
+            if (preset, layers) not in models:
+                model, batches = make(preset, layers)
+                models[(preset, layers)] = (model, batches, reference(model, batches))
+        if "bad-inputs" in names and ("gpt-tiny", None) not in models:
+            model, batches = make("gpt-tiny", None)
+            models[("gpt-tiny", None)] = (model, batches, None)
+        session.result = {n: bad_inputs(models) if n == "bad-inputs" else check(n, models) for n in names}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or [*CASES, "bad-inputs"])

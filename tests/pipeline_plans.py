@@ -1,0 +1,116 @@
+"""Pipelined plans made by hand until the solver picks stages: the operator part planned by the existing
+solver on the operator mesh (a cluster of that many devices), then given a pp axis and a `Training`.
+
+Convention (shared with the solver and runtime/pipeline.py): the graph is captured for one micro-batch of
+every data-parallel replica, `micro_batch_size * dp` sequences; the global batch is `num_micro_batches`
+of those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+
+import autoshard
+from autoshard.ir.plan import Plan, Training
+
+# Megatron's column/row split on the tp axis, per model family
+TP_SPLITS: dict[str, dict[str, Placement]] = {
+    "gpt": {
+        "*.c_attn.weight": _StridedShard(0, split_factor=3),
+        "*.c_attn.bias": _StridedShard(0, split_factor=3),
+        "*.attn.c_proj.weight": Shard(1),
+        "*.c_fc.weight": Shard(0),
+        "*.c_fc.bias": Shard(0),
+        "*.mlp.c_proj.weight": Shard(1),
+    },
+    "llama": {
+        "*.wq.weight": Shard(0),
+        "*.wk.weight": Shard(0),
+        "*.wv.weight": Shard(0),
+        "*.wo.weight": Shard(1),
+        "*.w1.weight": Shard(0),
+        "*.w3.weight": Shard(0),
+        "*.w2.weight": Shard(1),
+    },
+}
+
+
+class SkipModel(nn.Module):
+    """Embedding, `n_layer` small blocks, and a skip connection from the embedding to the head: with one
+    block per stage the embedding's output is read only by the last stage, so it passes through every
+    stage in between."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, n_layer: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(n_layer))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x0 = self.embed(idx)  # (B, T, C)
+        x = x0
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x + x0)  # (B, T, vocab)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def block_paths(model: nn.Module) -> tuple[str, ...]:
+    """Module paths of the repeated blocks: GPT's transformer.h.i, LLaMA's layers.i, SkipModel's blocks.i."""
+    if hasattr(model, "transformer"):
+        return tuple(f"transformer.h.{i}" for i in range(len(model.transformer.h)))
+    if hasattr(model, "blocks"):
+        return tuple(f"blocks.{i}" for i in range(len(model.blocks)))
+    return tuple(f"layers.{i}" for i in range(len(model.layers)))
+
+
+def pipelined_plan(
+    model: nn.Module,
+    micro_batch: tuple,
+    *,
+    pp: int,
+    operator_mesh: Mapping[str, int],
+    schedule: str,
+    num_micro_batches: int,
+    virtual_stages: int = 1,
+    stages: tuple[int, ...] | None = None,
+) -> Plan:
+    """A plan for `model` with `pp` pipeline ranks (`virtual_stages` stages each, blocks split evenly unless
+    `stages` is given) over `operator_mesh`, planned for `micro_batch` (one micro-batch of every replica)."""
+    forced = None
+    if "tp" in operator_mesh:
+        family = "gpt" if hasattr(model, "transformer") else "llama"
+        forced = {
+            pat: tuple(p if axis == "tp" else Replicate() for axis in operator_mesh)
+            for pat, p in TP_SPLITS[family].items()
+        }
+    devices = math.prod(operator_mesh.values())
+    ir = autoshard.capture(model, micro_batch)
+    plan = autoshard.plan_graph(ir, f"cpu:{devices}", mesh=dict(operator_mesh), param_placements=forced, optimizer="sgd")
+    blocks = block_paths(model)
+    n_stages = pp * virtual_stages
+    if stages is None:
+        if len(blocks) % n_stages:
+            raise ValueError(f"{len(blocks)} blocks do not split evenly into {n_stages} stages; pass stages=")
+        stages = (len(blocks) // n_stages,) * n_stages
+    dp = operator_mesh.get("dp", 1)
+    training = Training(
+        pp=pp,
+        blocks=blocks,
+        stages=stages,
+        schedule=schedule,
+        virtual_stages=virtual_stages,
+        num_micro_batches=num_micro_batches,
+        micro_batch_size=micro_batch[0].shape[0] // dp,
+    )
+    return dataclasses.replace(
+        plan, mesh={"pp": pp, **operator_mesh}, cluster=f"cpu:{pp * devices}", training=training
+    )
