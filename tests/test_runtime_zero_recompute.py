@@ -316,3 +316,33 @@ def test_recomputation_saves_activation_memory() -> None:
     # than 4 such tensors and the rest is the prologue/epilogue (embeddings, final norm, head, loss)
     b, t, c = 4, 16, 64
     assert saved["none"] - saved["full"] > 2 * (8 * b * t * c * 4)  # each block saved > 8 residual-sized tensors
+
+
+def test_zero2_reduce_scatters_what_zero1_all_reduces(fake_world) -> None:
+    """The collectives one step issues: ZeRO-2 reduce-scatters over dp exactly the gradients ZeRO-1
+    all-reduces (same bytes), and both all-gather every updated shard after the optimizer step."""
+    reports, compiled = {}, {}
+    for stage in (1, 2):
+        model, inputs, plan = planned("gpt-tiny", {"dp": 4}, zero_stage=stage)
+        with local_mode():
+            compiled[stage] = compile(model, inputs, plan=plan, optimizer="sgd", lr=0.1)
+            reports[stage] = compiled[stage].comm_report(*inputs)
+    rows = {s: {(r.phase, r.collective, r.axis): r for r in reports[s].rows} for s in reports}
+    shards = compiled[2].zero.shards
+    zero_bytes = sum(4 * s.param.numel() for s in shards.values())  # fp32 gradients of the ZeRO'd params
+
+    def issued(stage: int, key: tuple[str, str, str]) -> tuple[int, int]:
+        r = rows[stage].get(key)
+        return (r.issued_count, r.issued_bytes) if r else (0, 0)
+
+    rs2 = issued(2, ("backward", "reduce_scatter", "dp"))
+    ar1, ar2 = issued(1, ("backward", "all_reduce", "dp")), issued(2, ("backward", "all_reduce", "dp"))
+    # every gradient all-reduce of ZeRO-1 is a reduce-scatter of the same buffer under ZeRO-2 ...
+    assert issued(1, ("backward", "reduce_scatter", "dp")) == (0, 0)
+    assert (ar1[0] - ar2[0], ar1[1] - ar2[1]) == rs2, (reports[1].table(), reports[2].table())
+    # ... for every ZeRO'd parameter but wpe, whose gradient the plan reduces earlier, on the T x C
+    # activation edge (codegen's grad_to): it arrives replicated and its shard is a local slice
+    wpe = 4 * shards["transformer.wpe.weight"].param.numel()
+    assert rs2 == (len(shards) - 1, zero_bytes - wpe), reports[2].table()
+    for stage in (1, 2):
+        assert issued(stage, ("optimizer", "all_gather", "dp")) == (len(shards), zero_bytes), reports[stage].table()
