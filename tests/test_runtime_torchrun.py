@@ -18,7 +18,7 @@ import torch.distributed as dist
 from autoshard.runtime.launch import LaunchError, run_local
 
 DIST = Path(__file__).parent / "dist"
-CASES = ("dp", "tp", "dp2xtp2")
+CASES = ("dp", "tp", "dp2xtp2", "dp-zero2", "dp2xtp2-zero3", "tp-recompute")
 
 pytestmark = pytest.mark.slow
 

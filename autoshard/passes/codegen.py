@@ -15,6 +15,8 @@ Other rewrites, each needed because the graph was captured on meta tensors for o
 - scaled_dot_product_attention runs on local shards (DTensor's CPU path mixes in a plain mask tensor);
 - a chunk of a `_StridedShard(d, k)` tensor (fused qkv, see strategies/fused_split.py) is done locally:
   DTensor has no rule for it and would all-gather;
+- blocks planned with recomputation (`plan.training.recompute`) outlined into submodules called through
+  `checkpoint_block` (passes/recompute.py);
 - `grad_to` on an activation edge whose planned gradient reduction DTensor would otherwise defer (it
   keeps a gradient Partial until something forces it, then reduces a different tensor).
 
@@ -42,6 +44,7 @@ from autoshard.errors import InputError
 from autoshard.hints.ops import SHARD_OP
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan, PlannedCollective
+from autoshard.passes.recompute import outline_blocks
 from autoshard.report.table import format_count
 from autoshard.strategies.mesh import Spec, spec_from_str, spec_str
 
@@ -262,6 +265,13 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
     graph.lint()
     graph.on_generate_code(lambda previous: _commenter(graph, comments, previous))
     gm.recompile()
+    if any(mode != "none" for mode in plan.training.recompute):
+        outline_blocks(
+            gm,
+            plan.training,
+            {n.name: n.module for n in ir.nodes},
+            on_generate_code=lambda sub: sub.on_generate_code(lambda previous: _commenter(sub, comments, previous)),
+        )
     gm.meta["redistributions"] = tuple(inserted)
     gm.meta["plan_mesh"] = dict(plan.mesh)
     return gm

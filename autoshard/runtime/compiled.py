@@ -35,6 +35,7 @@ from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan
 from autoshard.passes.codegen import codegen, use_mesh
 from autoshard.runtime.materialize import materialize_shards
+from autoshard.runtime.zero import ZeroOptimizer, check_zero_mesh, zero3_plan
 from autoshard.strategies.mesh import spec_from_str
 
 if TYPE_CHECKING:
@@ -143,6 +144,12 @@ class CompiledModel:
         seed: int | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
+        self.training = plan.training
+        self.zero_unsharded: tuple[str, ...] = ()  # parameters ZeRO could not shard (no dim dp divides)
+        if self.training.zero_stage == 3:  # parameters stored sharded over dp, gathered at use
+            plan, self.zero_unsharded = zero3_plan(plan, ir)
+        elif self.training.zero_stage:
+            check_zero_mesh(plan.mesh, self.training.zero_stage)
         self.plan = plan
         self.ir = ir
         self.loss_fn = loss_fn
@@ -170,17 +177,26 @@ class CompiledModel:
             )
             self._names[info.name] = info.names
         self._signature = self._placeholder_sources(model, ir)
-        params = list(self.parameters.values())
-        if optimizer == "sgd":
-            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, **optimizer_kwargs)
+        optimizer_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
+
+        def make_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            return optimizer_cls(params, lr=lr, **optimizer_kwargs)
+
+        self.zero: ZeroOptimizer | None = None
+        if self.training.zero_stage in (1, 2):  # optimizer state (and gradients) sharded over dp
+            self.zero = ZeroOptimizer(
+                self.parameters, self.mesh, stage=self.training.zero_stage, make_optimizer=make_optimizer
+            )
+            self.zero_unsharded = self.zero.unsharded
+            self.optimizer: torch.optim.Optimizer | ZeroOptimizer = self.zero
         else:
-            self.optimizer = torch.optim.AdamW(params, lr=lr, **optimizer_kwargs)
+            self.optimizer = make_optimizer(list(self.parameters.values()))
 
     # ---- running ------------------------------------------------------------------------------------
 
     def __call__(self, *inputs: Any) -> Any:
         """Forward on the global batch; outputs come back as full (unsharded) tensors."""
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             outputs = self._run(inputs)
         full = tuple(o.full_tensor() if isinstance(o, DTensor) else o for o in outputs)
         return full[0] if len(full) == 1 else full
@@ -204,7 +220,7 @@ class CompiledModel:
         communication accounting can attribute each collective to its phase)."""
         phase = phase or (lambda _name: contextlib.nullcontext())
         self.optimizer.zero_grad(set_to_none=True)
-        with phase("forward"):
+        with phase("forward"), self._autocast():
             outputs = self._run(inputs)
             loss = self.loss_fn(*outputs) if self.loss_fn is not None else outputs[0]
         if loss.numel() != 1:
@@ -219,6 +235,22 @@ class CompiledModel:
             self.optimizer.step()
             value = loss.full_tensor() if isinstance(loss, DTensor) else loss
         return _as_float(value.detach())
+
+    def _autocast(self) -> ContextManager[Any]:
+        """bf16-mixed: forward under autocast (matmuls in bf16, reductions and the loss in fp32); the
+        parameters, gradients and optimizer state stay fp32 (the master weights)."""
+        if self.training.precision == "bf16-mixed":
+            return torch.autocast(self.mesh.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def gradients(self) -> dict[str, DTensor]:
+        """Each parameter's gradient after the last backward, by canonical name. Under ZeRO the one the
+        optimizer used: a shard over dp for ZeRO-1/2 (ZeRO-2 keeps no other), the parameter's own for
+        parameters ZeRO left whole and for ZeRO-3 (whose parameters are shards)."""
+        grads = {n: p.grad for n, p in self.parameters.items() if p.grad is not None}
+        if self.zero is not None:
+            grads.update(self.zero.gradients())
+        return grads
 
     def _settle_gradients(self) -> None:
         """Bring each gradient to its parameter's placement (the dp gradient all-reduce, a local slice

@@ -1,7 +1,7 @@
 """Run under torchrun (4 gloo ranks): autoshard plans trained as real processes match one device.
 
 Usage: python -m torch.distributed.run --nnodes 1 --nproc-per-node 4 --master-addr 127.0.0.1 \
-           --master-port PORT tests/dist/train_matches.py dp tp dp2xtp2
+           --master-port PORT tests/dist/train_matches.py dp tp dp2xtp2 dp-zero2 tp-recompute
 
 Every rank builds gpt-tiny from the same seed, trains it on one device itself (the reference: same
 batches, same SGD), then, for each named mesh, trains a compiled copy for 3 steps and compares the loss
@@ -13,6 +13,7 @@ rank's result file); one process group serves every case, since starting ranks c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from collections.abc import Mapping
@@ -24,15 +25,30 @@ from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import autoshard
-from autoshard.ir.plan import Plan
+from autoshard.ir.plan import Plan, Training
 from autoshard.models import build
 from autoshard.runtime.launch import rank_session
+from autoshard.runtime.zero import on_dp
+from autoshard.solver.blocks import fold_blocks
 
 STEPS = 3
 LR = 0.1
 RTOL = ATOL = 1e-5
 
-MESHES: dict[str, dict[str, int]] = {"dp": {"dp": 4}, "tp": {"tp": 4}, "dp2xtp2": {"dp": 2, "tp": 2}}
+MESHES: dict[str, dict[str, int]] = {
+    "dp": {"dp": 4},
+    "tp": {"tp": 4},
+    "dp2xtp2": {"dp": 2, "tp": 2},
+    "dp-zero2": {"dp": 4},
+    "dp2xtp2-zero3": {"dp": 2, "tp": 2},
+    "tp-recompute": {"tp": 4},
+}
+# Plan.training per case (blocks filled from the model): ZeRO over dp, recomputation per block
+TRAINING: dict[str, dict] = {
+    "dp-zero2": {"zero_stage": 2},
+    "dp2xtp2-zero3": {"zero_stage": 3},
+    "tp-recompute": {"recompute": ("selective", "full")},
+}
 
 # Megatron's column/row split for the GPT on the tp axis (fused qkv: strided, chunked locally by codegen)
 MEGATRON: dict[str, Placement] = {
@@ -76,15 +92,25 @@ def reference(model: nn.Module, batches: list) -> tuple[list[float], dict, dict]
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
-def shared_plan(model: nn.Module, example: tuple, mesh: Mapping[str, int]) -> Plan:
+def shared_plan(model: nn.Module, example: tuple, mesh: Mapping[str, int], training: Mapping | None = None) -> Plan:
     """Rank 0 plans; every rank runs that very plan."""
     box: list = [None]
     if dist.get_rank() == 0:
         ir = autoshard.capture(model, example)
         plan = autoshard.plan_graph(ir, f"cpu:{dist.get_world_size()}", mesh=mesh, param_placements=forced(mesh))
+        if training:
+            blocks = tuple(f"{c}.{i}" for c, n in fold_blocks(ir).blocks.items() for i in range(n))
+            recompute = training.get("recompute", ())
+            plan = dataclasses.replace(plan, training=Training(blocks=blocks, **{**training, "recompute": recompute}))
         box = [plan.to_json()]
     dist.broadcast_object_list(box, src=0)
     return Plan.from_json(box[0])
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """A gradient with any dp shard gathered over dp alone (see tests/test_runtime_zero_recompute.py)."""
+    names = t.device_mesh.mesh_dim_names
+    return on_dp(t, names.index("dp"), Replicate()) if "dp" in names else t
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,13 +120,13 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def check(name: str, model: nn.Module, batches: list, ref: tuple) -> dict:
     ref_losses, ref_grads, ref_params = ref
     mesh = MESHES[name]
-    plan = shared_plan(model, batches[0], mesh)
+    plan = shared_plan(model, batches[0], mesh, TRAINING.get(name))
     compiled = autoshard.compile(model, batches[0], plan=plan, optimizer="sgd", lr=LR)
     losses, grads = [], {}
     for step, batch in enumerate(batches):
         losses.append(compiled.train_step(*batch))
-        if step == 0:
-            grads = {n: p.grad.full_tensor() for n, p in compiled.parameters.items()}
+        if step == 0:  # under ZeRO-2 the dp shard of each gradient: gathered over dp first
+            grads = {n: gathered(g).full_tensor() for n, g in compiled.gradients().items()}
     params = compiled.full_state_dict()
     problems = []
     for step, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
@@ -118,6 +144,15 @@ def check(name: str, model: nn.Module, batches: list, ref: tuple) -> dict:
     sharded = sorted(n for n, spec in compiled.plan.params.items() if "S" in spec)
     if "tp" in mesh and not sharded:
         problems.append("the tensor-parallel plan shards no parameter")
+    if set(grads) != set(compiled.parameters):
+        problems.append(f"gradients missing: {sorted(set(compiled.parameters) - set(grads))}")
+    stage = plan.training.zero_stage
+    if stage == 2 and any(compiled.parameters[n].grad is not None for n in compiled.zero.shards):
+        problems.append("ZeRO-2 kept a full gradient")
+    if stage == 3 and not any(isinstance(p.placements[0], Shard) for p in compiled.parameters.values()):
+        problems.append("ZeRO-3 stored no parameter sharded over dp")
+    if any(m != "none" for m in plan.training.recompute) and "checkpoint_block(" not in compiled.code:
+        problems.append("the recompute plan's code calls no checkpoint_block")
     return {
         "mesh": mesh,
         "ok": not problems,
@@ -127,6 +162,7 @@ def check(name: str, model: nn.Module, batches: list, ref: tuple) -> dict:
         "max_grad_diff": max(max_diff(g, ref_grads[n]) for n, g in grads.items()),
         "max_param_diff": max(max_diff(p, ref_params[n]) for n, p in params.items()),
         "sharded_params": len(sharded),
+        "zero_stage": stage,
     }
 
 
