@@ -35,6 +35,7 @@ from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan
 from autoshard.passes.codegen import codegen, use_mesh
 from autoshard.runtime.materialize import materialize_shards
+from autoshard.runtime.micro_batches import first_micro_batch, split_micro_batches
 from autoshard.runtime.zero import ZeroOptimizer, check_zero_mesh, zero3_plan
 from autoshard.strategies.mesh import spec_from_str
 
@@ -88,19 +89,15 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
             "and every rank must use the same seed"
         )
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if plan is not None and plan.training.pp > 1:
-        from autoshard.runtime.pipeline import first_micro_batch
-
-        inputs = first_micro_batch(inputs, plan)  # a pipelined plan is made for one micro-batch
-    ir = capture(model, inputs)
     world = dist.get_world_size()
     if plan is None:
         from autoshard.solver.search import plan_graph
 
-        plan = plan_graph(ir, cluster or f"cpu:{world}", mesh=mesh, optimizer=optimizer)
+        plan = plan_graph(capture(model, inputs), cluster or f"cpu:{world}", mesh=mesh, optimizer=optimizer)
         plan = _broadcast_plan(plan)
-    else:
-        plan.check_graph(ir)
+    # a plan is made for one micro-batch of every replica: global-batch example inputs are cut to it
+    ir = capture(model, first_micro_batch(inputs, plan))
+    plan.check_graph(ir)
     if plan.training.pp > 1:
         return _pipelined(model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, seed=seed, **optimizer_kwargs)
     return CompiledModel(
@@ -219,22 +216,27 @@ class CompiledModel:
         """`train_step`, with `phase(name)` entered around forward, backward and the optimizer step (so
         communication accounting can attribute each collective to its phase)."""
         phase = phase or (lambda _name: contextlib.nullcontext())
+        chunks = split_micro_batches(inputs, self.plan)
         self.optimizer.zero_grad(set_to_none=True)
-        with phase("forward"), self._autocast():
-            outputs = self._run(inputs)
-            loss = self.loss_fn(*outputs) if self.loss_fn is not None else outputs[0]
-        if loss.numel() != 1:
-            raise InputError(
-                f"expected a scalar loss, found shape {tuple(loss.shape)}; "
-                "pass loss_fn=... to autoshard.compile, or return the loss from the model"
-            )
+        total = 0.0
+        for chunk in chunks:  # gradient accumulation: one backward per micro-batch, one reduction per step
+            with phase("forward"), self._autocast():
+                outputs = self._run(chunk)
+                loss = self.loss_fn(*outputs) if self.loss_fn is not None else outputs[0]
+            if loss.numel() != 1:
+                raise InputError(
+                    f"expected a scalar loss, found shape {tuple(loss.shape)}; "
+                    "pass loss_fn=... to autoshard.compile, or return the loss from the model"
+                )
+            with phase("backward"):
+                (loss / len(chunks) if len(chunks) > 1 else loss).backward()
+            value = loss.full_tensor() if isinstance(loss, DTensor) else loss
+            total += _as_float(value.detach())
         with phase("backward"):
-            loss.backward()
             self._settle_gradients()
         with phase("optimizer"):
             self.optimizer.step()
-            value = loss.full_tensor() if isinstance(loss, DTensor) else loss
-        return _as_float(value.detach())
+        return total / len(chunks)
 
     def _autocast(self) -> ContextManager[Any]:
         """bf16-mixed: forward under autocast (matmuls in bf16, reductions and the loss in fp32); the

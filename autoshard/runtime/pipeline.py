@@ -46,6 +46,7 @@ from torch.fx import Node
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan, Training
+from autoshard.runtime.micro_batches import first_micro_batch
 from autoshard.passes.codegen import as_dtensor, codegen, grad_to, redistribute, use_mesh
 from autoshard.passes.stages import StageGraph, StageSplit, split_stages
 from autoshard.strategies.mesh import spec_from_str
@@ -53,21 +54,6 @@ from autoshard.strategies.mesh import spec_from_str
 __all__ = ["PipelinedModel", "first_micro_batch"]
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
-
-
-def first_micro_batch(inputs: tuple[Any, ...], plan: Plan) -> tuple[Any, ...]:
-    """The example inputs to capture for a pipelined plan: one micro-batch of every replica.
-
-    Example inputs of the global batch (`num_micro_batches` micro-batches) are cut to the first; inputs
-    already one micro-batch long are kept."""
-    t = plan.training
-    micro = t.micro_batch_size * plan.axis_size("dp")
-    if t.micro_batch_size <= 0 or t.num_micro_batches == 1:
-        return inputs
-    return tuple(
-        x[:micro] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == micro * t.num_micro_batches else x
-        for x in inputs
-    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

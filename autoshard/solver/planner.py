@@ -30,6 +30,7 @@ from autoshard.solver.followers import Follow, find_followers, resolve
 from autoshard.solver.ilp import solve
 from autoshard.solver.pricing import OptionPrice, Pricer, producer_output_index
 from autoshard.solver.problem import EdgeCosts, NodeChoices, Problem
+from autoshard.strategies import _dtensor
 from autoshard.strategies.fused_split import is_sharded
 from autoshard.strategies import CommStep, MeshSpec, ShardingOption, Spec, node_options, spec_str
 
@@ -70,6 +71,24 @@ def plan_on_mesh(
     None leaves it to the ILP."""
     if ir.exported is None:
         raise InputError("this GraphIR has no exported program; capture the model with autoshard.capture")
+    with _dtensor.outside_local_tensor_mode():
+        return _plan_on_mesh(ir, cluster, mesh, optimizer, memory_limit, param_placements, hints, fold,
+                             time_limit_s, precision, dp_params)
+
+
+def _plan_on_mesh(
+    ir: GraphIR,
+    cluster: Cluster,
+    mesh: MeshSpec,
+    optimizer: str,
+    memory_limit: float | None,
+    param_placements: Mapping[str, Sequence[Placement]] | None,
+    hints: Mapping[str, object] | None,
+    fold: bool,
+    time_limit_s: float,
+    precision: str,
+    dp_params: str | None,
+) -> Plan:
     start = time.perf_counter()
     limit = float(memory_limit if memory_limit is not None else cluster.hardware.hbm_bytes)
     pricer = Pricer(cluster=cluster, mesh=mesh, optimizer=optimizer, precision=precision)

@@ -31,10 +31,12 @@ The planner prices with its own hardware model; DTensor's costs are ignored.
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Callable, Sequence
 from typing import Any
 
 import torch
@@ -80,6 +82,21 @@ FullOption = tuple[tuple[tuple[Placement, ...] | None, ...], tuple[tuple[Placeme
 
 def _propagator() -> Any:
     return DTensor._op_dispatcher.sharding_propagator
+
+
+@contextlib.contextmanager
+def outside_local_tensor_mode() -> Iterator[None]:
+    """Planning is pure computation on a process-group-free mesh of any size. Under a simulated world
+    (torch.distributed._local_tensor.LocalTensorMode, used by the tests) DTensor would ask that mesh for
+    this rank's coordinate, which a mesh smaller than the world does not have: step out of the mode."""
+    from torch.distributed._local_tensor import enabled_local_tensor_mode
+
+    mode = enabled_local_tensor_mode()
+    if mode is None:
+        yield
+        return
+    with mode.disable():
+        yield
 
 
 @functools.cache
