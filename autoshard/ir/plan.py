@@ -193,7 +193,7 @@ class Plan:
         p, t = self.predicted, self.training
         devices = math.prod(self.mesh.values())
         step = p.step_time_s or math.inf
-        modes = t.recompute or ("none",) * len(t.blocks)
+        modes = t.recompute or ("none",) * max(1, len(t.blocks))
         return {
             "model": self.model,
             "cluster": self.cluster,
