@@ -26,7 +26,8 @@ from autoshard.strategies.mesh import spec_from_str
 
 def chain(block_seconds, *, pre=0.0, post=0.0, act=100.0, cheap=40.0, inp=10.0, params=1000.0, out=0.0) -> Chain:
     blocks = tuple(
-        Unit(name=f"h.{i}", compute_s=t, forward_s=t / 3, flops=1e9, activation_bytes=act, cheap_bytes=cheap,
+        Unit(name=f"h.{i}", compute_s=t, forward_s=t / 3, flops=1e9, activation_bytes=act,
+             matmul_output_bytes=act - cheap,
              cheap_forward_s=t / 30, input_bytes=inp, output_bytes=out, param_elements=params)
         for i, t in enumerate(block_seconds)
     )
@@ -128,8 +129,9 @@ def test_recomputation_trades_time_for_activations() -> None:
     runs = {mode: estimate_step(c, cpu(1), dp=1, tp=1, pp=1, micro_batches=1, schedule="none",
                                 recompute=(mode,) * 2) for mode in ("none", "selective", "full")}
     assert runs["none"].memory[0].activations == 200.0
-    # selective keeps the matmul outputs of both blocks; one block's cheap outputs live again in backward
-    assert runs["selective"].memory[0].activations == 2 * 60.0 + 40.0
+    # selective keeps the matmul outputs and the input of both blocks; one block's cheap outputs live
+    # again in backward
+    assert runs["selective"].memory[0].activations == 2 * (60.0 + 10.0) + 30.0
     # full keeps each block's input; one block is rematerialised at a time
     assert runs["full"].memory[0].activations == 2 * 10.0 + 90.0
     assert runs["none"].pipeline_s == pytest.approx(6.0)

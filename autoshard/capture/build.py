@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any
@@ -12,7 +13,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
-from autoshard.capture.costs import NodeCosts, node_costs
+from autoshard.capture.costs import NodeCosts, Saved, node_costs
 from autoshard.ir.graph import GraphIR, NodeInfo, NodeKind, ParamInfo, TensorMeta
 
 __all__ = ["build_graph_ir"]
@@ -28,6 +29,7 @@ def build_graph_ir(model: nn.Module, exported: ExportedProgram) -> GraphIR:
     trainable = {n for p in params for n in p.nodes if _is_trainable(model, exported, n)}
     grads: dict[str, bool] = {}
     nodes: list[NodeInfo] = []
+    saved: dict[str, Saved | None] = {}
     with NodeCosts() as counter:
         for node in exported.graph.nodes:
             grads[node.name] = node.name in trainable or (
@@ -35,8 +37,37 @@ def build_graph_ir(model: nn.Module, exported: ExportedProgram) -> GraphIR:
                 and _is_floating(node.meta.get("val"))
                 and any(grads.get(i.name, False) for i in node.all_input_nodes)
             )
-            nodes.append(_node_info(node, kinds, counter, requires_grad=grads[node.name]))
+            info, saved[node.name] = _node_info(node, kinds, counter, grads)
+            nodes.append(info)
+    nodes = _mark_kept(nodes, saved)
     return GraphIR(nodes=tuple(nodes), params=params, model_type=type(model).__name__, exported=exported)
+
+
+def _mark_kept(nodes: list[NodeInfo], saved: dict[str, Saved | None]) -> list[NodeInfo]:
+    """A node's output is kept for backward when its own backward keeps it, or a consumer's keeps the
+    input it reads from it -- directly or through a view of it (a view shares its base's storage)."""
+    consumers: dict[str, list[tuple[NodeInfo, int]]] = {}
+    for n in nodes:
+        for slot, src in enumerate(n.inputs):
+            consumers.setdefault(src, []).append((n, slot))
+    kept: dict[str, bool | None] = {}
+    for n in reversed(nodes):  # consumers first
+        own = saved.get(n.name)
+        if n.kind is not NodeKind.CALL:
+            continue
+        if own is None or any(saved.get(c.name, Saved()) is None for c, _ in consumers.get(n.name, [])):
+            kept[n.name] = None  # something could not be probed: the pricer's rule of thumb decides
+            continue
+        kept[n.name] = own.output or any(
+            slot in saved[c.name].inputs or (c.is_view and kept.get(c.name, False))
+            for c, slot in consumers.get(n.name, [])
+            if c.kind is NodeKind.CALL
+        )
+    return [
+        dataclasses.replace(n, output_kept=kept[n.name], internal_saved_bytes=saved[n.name].internal_bytes)
+        if n.kind is NodeKind.CALL and saved.get(n.name) is not None else n
+        for n in nodes
+    ]
 
 
 def _placeholder_kinds(exported: ExportedProgram) -> dict[str, NodeKind]:
@@ -87,8 +118,10 @@ def _is_floating(value: Any) -> bool:
 
 
 def _node_info(
-    node: Node, kinds: dict[str, NodeKind], counter: NodeCosts, *, requires_grad: bool
-) -> NodeInfo:
+    node: Node, kinds: dict[str, NodeKind], counter: NodeCosts, grads: dict[str, bool]
+) -> tuple[NodeInfo, Saved | None]:
+    requires_grad = grads[node.name]
+    saved: Saved | None = None
     inputs = tuple(node.all_input_nodes)
     outputs = _metas(node.meta.get("val")) if node.op != "output" else ()
     module, module_type = _innermost_module(node)
@@ -98,7 +131,8 @@ def _node_info(
         kind, op, flops, moved, view = NodeKind.OUTPUT, "", 0, 0, False
     else:
         kind, op = NodeKind.CALL, _op_name(node.target)
-        flops, moved, view = node_costs(node, counter)
+        grad_inputs = frozenset(i.name for i in node.all_input_nodes if grads.get(i.name, False))
+        flops, moved, view, saved = node_costs(node, counter, grad_inputs)
     return NodeInfo(
         name=node.name,
         kind=kind,
@@ -113,7 +147,7 @@ def _node_info(
         is_view=view,
         requires_grad=requires_grad,
         source=_source(node),
-    )
+    ), saved
 
 
 def _metas(value: Any) -> tuple[TensorMeta, ...]:

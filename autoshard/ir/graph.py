@@ -74,6 +74,11 @@ class NodeInfo:
     is_view: bool  # the output aliases an input: no compute, no memory traffic
     requires_grad: bool = False  # a floating output that depends on a trainable parameter
     source: str = ""  # "file:line" of the user code that created it, when known
+    # Kept for backward (autograd's saved tensors, probed on meta at capture): whether this node's
+    # output is kept (by its own backward, or by a consumer's, through views), and the bytes of
+    # internal tensors its backward keeps besides. None: unknown (the op could not run on meta).
+    output_kept: bool | None = None
+    internal_saved_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -5,7 +5,9 @@ This is where the graph (GraphIR), the options (strategies/) and the hardware (c
 - A computation under an option runs on 1/k of the work, k the product of the mesh axes its output
   is sharded or partial over; forward plus backward is priced as the forward roofline time times
   (1 + backward factor).
-- It keeps its output for backward (activations) unless its op saves nothing (adds, copies).
+- It keeps its output for backward (activations) when autograd does: capture runs each op on meta
+  tensors and records what its backward saves (its inputs, its output, internal tensors), so an
+  output is kept when its own backward or a consumer's keeps it (GraphIR.NodeInfo.output_kept).
 - A parameter under a placement holds its local shard of parameter, gradient and optimizer state,
   and pays for an optimizer step over them (memory bound).
 - An edge pays the collectives DTensor runs to bring the producer's placement to the consumer's,
@@ -155,13 +157,19 @@ class Pricer:
                 dtype,
                 self.cluster.hardware,
             )
+        if node.output_kept is None:  # not probed at capture: a rule of thumb
+            keeps_output = node.requires_grad and node.op not in _SAVES_NOTHING
+        else:
+            keeps_output = node.output_kept
         saved = 0.0
-        if node.requires_grad and node.op not in _SAVES_NOTHING:
+        if keeps_output:
             saved = sum(
                 self.local_bytes(meta, spec) * self.activation_scale(meta.dtype)
                 for meta, spec in zip(node.outputs, option.output)
                 if spec is not None
             )
+        if node.internal_saved_bytes:  # statistics and the like, split like the op's work
+            saved += node.internal_saved_bytes * self.activation_scale(captured) / work_split
         return OptionPrice(compute_s=total, activation_bytes=saved)
 
     # ---- edges ---------------------------------------------------------------------------------

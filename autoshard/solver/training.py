@@ -19,8 +19,10 @@ tensor-parallel mesh. This module reads that plan as a chain of units -- what pr
   in forward and again in backward and a reduce-scatter of their gradients. Nothing is assumed to overlap.
 - Recomputation per block: "full" keeps only the block's input and runs its forward again in backward
   (collectives included); "selective" drops the outputs of the FLOP-free ops (norms, activations, softmax,
-  elementwise: cheap to redo, large to keep) and keeps those of matmul-class ops. A recomputed block's
-  activations live again, one block at a time, during its backward.
+  elementwise: cheap to redo, large to keep) and keeps every output of a matmul-class op (the policy
+  passes/recompute.py runs) plus the block's input (the checkpoint reruns the cheap ops from it). A recomputed block's activations live again, one block
+  at a time, during its backward. tests/test_recompute_memory.py checks these against the bytes autograd
+  really keeps.
 - Parameter-gradient reductions and the optimizer step happen once per step; everything else per micro-batch.
 """
 
@@ -53,7 +55,7 @@ class Unit:
     forward_comm_s: float = 0.0  # forward collectives (paid again by full recomputation)
     flops: float = 0.0  # forward FLOPs of the whole unit, all devices of the replica together
     activation_bytes: float = 0.0  # kept for backward
-    cheap_bytes: float = 0.0  # of those, outputs of FLOP-free ops (dropped by selective recomputation)
+    matmul_output_bytes: float = 0.0  # outputs of matmul-class ops, all kept by selective recomputation
     cheap_forward_s: float = 0.0  # forward time of the FLOP-free ops (paid again by selective)
     input_bytes: float = 0.0  # what enters from earlier units (kept by full recomputation)
     output_bytes: float = 0.0  # what leaves for later units (sent to the next stage at a cut)
@@ -64,9 +66,9 @@ class Unit:
     def activations(self, recompute: str) -> float:
         """Bytes kept per micro-batch between its forward and its backward."""
         if recompute == "full":
-            return self.input_bytes
-        if recompute == "selective":
-            return self.activation_bytes - self.cheap_bytes
+            return self.input_bytes  # what the checkpoint keeps to run the block again
+        if recompute == "selective":  # every matmul-class output, and the input the cheap ops rerun from
+            return self.matmul_output_bytes + self.input_bytes
         return self.activation_bytes
 
     def seconds(self, recompute: str) -> float:
@@ -151,15 +153,16 @@ def chain_of(plan: Plan, ir: GraphIR) -> Chain:
         acc["forward_s"][u] += d.compute_s * forward_share
         acc["flops"][u] += node.flops
         acc["activation_bytes"][u] += d.memory_bytes
-        if node.flops == 0:
-            acc["cheap_bytes"][u] += d.memory_bytes
+        nbytes = sum(
+            meta.nbytes / shards(spec) * _activation_scale(meta.dtype.itemsize, plan.training.precision)
+            for meta, spec in zip(node.outputs, d.output)
+        )
+        if node.flops:
+            acc["matmul_output_bytes"][u] += nbytes
+        else:
             acc["cheap_forward_s"][u] += d.compute_s * forward_share
         users = [v for v in consumers.get(node.name, []) if v > u]
         if users:  # crosses every cut between its unit and its last reader
-            nbytes = sum(
-                meta.nbytes / shards(spec) * _activation_scale(meta.dtype.itemsize, plan.training.precision)
-                for meta, spec in zip(node.outputs, d.output)
-            )
             for cut in range(u, max(users)):
                 acc["output_bytes"][cut] += nbytes
                 acc["input_bytes"][cut + 1] += nbytes
@@ -335,7 +338,7 @@ def estimate_step(
             gradients=grads,
             optimizer_state=states,
             activations=kept * _in_flight(schedule, r, pp, v, m)
-            + max((u.activation_bytes - u.activations(mode) for u, mode in units), default=0.0),
+            + max((max(0.0, u.activation_bytes - u.activations(mode)) for u, mode in units), default=0.0),
         ))
         g_bytes = elements * p_b
         if zero_stage <= 1:
