@@ -444,6 +444,9 @@ def fake_process_group(world_size: int) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+        from autoshard.strategies._dtensor import reset_caches
+
+        reset_caches()  # DTensor caches this world's meshes by layout
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

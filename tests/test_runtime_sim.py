@@ -32,11 +32,15 @@ def fake_world():
     """A 4-rank fake process group for this module only (destroyed after, so other tests never see it)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from autoshard.strategies._dtensor import reset_caches
+
     if dist.is_initialized():
         pytest.skip("another process group is already initialised in this process")
+    reset_caches()  # DTensor caches meshes of an earlier world by layout (see reset_caches)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
     yield WORLD
     dist.destroy_process_group()
+    reset_caches()
 
 
 def local_mode():

@@ -18,12 +18,16 @@ import torch.distributed as dist
 from autoshard.runtime.launch import LaunchError, run_local
 
 DIST = Path(__file__).parent / "dist"
-CASES = ("dp", "tp", "dp2xtp2", "dp-zero2", "dp2xtp2-zero3", "tp-recompute")
+# gpt-tiny: the three meshes; both models: ZeRO 1, 2 and 3 with dp=2 (x tp=2) and per-block selective
+# and full recomputation (ZeRO-2 on dp=4 too)
+_ZERO_RECOMPUTE = ("dp2xtp2-zero1", "dp2xtp2-zero2", "dp2xtp2-zero3", "dp2xtp2-recompute")
+CASES = ("dp", "tp", "dp2xtp2", "dp-zero2", "tp-recompute", *_ZERO_RECOMPUTE,
+         *(f"llama-tiny/{c}" for c in _ZERO_RECOMPUTE))
 
 pytestmark = pytest.mark.slow
 
 
-def test_gpt_tiny_plans_match_single_device_on_4_ranks() -> None:
+def test_plans_match_single_device_on_4_ranks() -> None:
     run = run_local(DIST / "train_matches.py", 4, *CASES, timeout=240)
     assert len(run.results) == 4
     for rank, verdicts in enumerate(run.results):

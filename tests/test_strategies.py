@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from autoshard.strategies._dtensor import reset_caches
 from autoshard.strategies import (
     option_cache_info,
     CommStep,
@@ -188,6 +189,7 @@ def gloo_world():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    reset_caches()  # DTensor caches this world's meshes by layout
 
 
 @pytest.mark.parametrize("with_pg", [False, True])

@@ -29,6 +29,7 @@ from torch.fx import Interpreter, Node
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import autoshard
+from autoshard.strategies._dtensor import reset_caches
 from autoshard.models import build
 from autoshard.strategies import MeshSpec, ShardingOption, node_options, spec_str
 
@@ -49,6 +50,7 @@ def fake_world():
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
     yield
     dist.destroy_process_group()
+    reset_caches()  # DTensor caches this world's meshes by layout
 
 
 def _captured(name: str) -> tuple[Any, dict[str, Any]]:

@@ -99,6 +99,20 @@ def outside_local_tensor_mode() -> Iterator[None]:
         yield
 
 
+def reset_caches() -> None:
+    """Forget DTensor's cached sharding decisions and redistribution plans. They are keyed by mesh
+    layout, and hold the mesh objects (with their process-group names) they were made with: after a
+    process group is destroyed and another initialised in the same process (test suites do this), an
+    identical layout would otherwise reuse a mesh whose groups no longer exist."""
+    from torch.distributed.tensor import _redistribute
+
+    propagator = _propagator()
+    propagator.propagate_op_sharding.cache_clear()
+    propagator._propagate_tensor_meta_cached.cache_clear()
+    _redistribute._gen_transform_infos.cache_clear()
+    getattr(_redistribute, "_planner_cache", {}).clear()
+
+
 @functools.cache
 def device_mesh(sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
     """A layout-only CPU DeviceMesh over ranks 0..n-1: no process group is created or consulted.

@@ -1,7 +1,7 @@
 """Run under torchrun (4 gloo ranks): autoshard plans trained as real processes match one device.
 
 Usage: python -m torch.distributed.run --nnodes 1 --nproc-per-node 4 --master-addr 127.0.0.1 \
-           --master-port PORT tests/dist/train_matches.py dp tp dp2xtp2 dp-zero2 tp-recompute
+           --master-port PORT tests/dist/train_matches.py dp tp dp2xtp2 llama-tiny/dp2xtp2-zero1 dp-zero2 tp-recompute
 
 Every rank builds gpt-tiny from the same seed, trains it on one device itself (the reference: same
 batches, same SGD), then, for each named mesh, trains a compiled copy for 3 steps and compares the loss
@@ -40,15 +40,23 @@ MESHES: dict[str, dict[str, int]] = {
     "tp": {"tp": 4},
     "dp2xtp2": {"dp": 2, "tp": 2},
     "dp-zero2": {"dp": 4},
+    "dp2xtp2-zero1": {"dp": 2, "tp": 2},
+    "dp2xtp2-zero2": {"dp": 2, "tp": 2},
     "dp2xtp2-zero3": {"dp": 2, "tp": 2},
     "tp-recompute": {"tp": 4},
+    "dp2xtp2-recompute": {"dp": 2, "tp": 2},
 }
 # Plan.training per case (blocks filled from the model): ZeRO over dp, recomputation per block
+# (two blocks: one selective, one full)
 TRAINING: dict[str, dict] = {
     "dp-zero2": {"zero_stage": 2},
+    "dp2xtp2-zero1": {"zero_stage": 1},
+    "dp2xtp2-zero2": {"zero_stage": 2},
     "dp2xtp2-zero3": {"zero_stage": 3},
     "tp-recompute": {"recompute": ("selective", "full")},
+    "dp2xtp2-recompute": {"recompute": ("full", "selective")},
 }
+MODELS = ("gpt-tiny", "llama-tiny")  # a case "llama-tiny/dp2xtp2-zero1" runs that model; plain names gpt-tiny
 
 # Megatron's column/row split for the GPT on the tp axis (fused qkv: strided, chunked locally by codegen)
 MEGATRON: dict[str, Placement] = {
@@ -61,17 +69,30 @@ MEGATRON: dict[str, Placement] = {
 }
 
 
-def forced(mesh: Mapping[str, int]) -> dict[str, tuple[Placement, ...]] | None:
+# LLaMA's: q, k, v, gate and up projections column-parallel, output and down projections row-parallel
+LLAMA: dict[str, Placement] = {
+    "*.wq.weight": Shard(0),
+    "*.wk.weight": Shard(0),
+    "*.wv.weight": Shard(0),
+    "*.wo.weight": Shard(1),
+    "*.w1.weight": Shard(0),
+    "*.w3.weight": Shard(0),
+    "*.w2.weight": Shard(1),
+}
+
+
+def forced(mesh: Mapping[str, int], model_name: str = "gpt-tiny") -> dict[str, tuple[Placement, ...]] | None:
     """Force the tensor-parallel split where the mesh has a tp axis (the solver could pick a plan that
     never shards a weight on so small a model, which would leave the tp code path untested)."""
     if "tp" not in mesh:
         return None
-    return {pat: tuple(p if axis == "tp" else Replicate() for axis in mesh) for pat, p in MEGATRON.items()}
+    split = MEGATRON if model_name.startswith("gpt") else LLAMA
+    return {pat: tuple(p if axis == "tp" else Replicate() for axis in mesh) for pat, p in split.items()}
 
 
-def make() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+def make(model_name: str = "gpt-tiny") -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
-    model = build("gpt-tiny", device="cpu")
+    model = build(model_name, device="cpu")
     vocab = model.config.vocab_size
     batches = [(torch.randint(0, vocab, (4, 16)), torch.randint(0, vocab, (4, 16))) for _ in range(STEPS)]
     return model, batches
@@ -92,12 +113,16 @@ def reference(model: nn.Module, batches: list) -> tuple[list[float], dict, dict]
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
-def shared_plan(model: nn.Module, example: tuple, mesh: Mapping[str, int], training: Mapping | None = None) -> Plan:
+def shared_plan(
+    model: nn.Module, example: tuple, mesh: Mapping[str, int], training: Mapping | None = None, model_name: str = "gpt-tiny"
+) -> Plan:
     """Rank 0 plans; every rank runs that very plan."""
     box: list = [None]
     if dist.get_rank() == 0:
         ir = autoshard.capture(model, example)
-        plan = autoshard.plan_graph(ir, f"cpu:{dist.get_world_size()}", mesh=mesh, param_placements=forced(mesh))
+        plan = autoshard.plan_graph(
+            ir, f"cpu:{dist.get_world_size()}", mesh=mesh, param_placements=forced(mesh, model_name)
+        )
         if training:
             blocks = tuple(f"{c}.{i}" for c, n in fold_blocks(ir).blocks.items() for i in range(n))
             recompute = training.get("recompute", ())
@@ -117,10 +142,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def check(name: str, model: nn.Module, batches: list, ref: tuple) -> dict:
+def check(case: str, model: nn.Module, batches: list, ref: tuple) -> dict:
     ref_losses, ref_grads, ref_params = ref
+    model_name, _, name = case.rpartition("/")
     mesh = MESHES[name]
-    plan = shared_plan(model, batches[0], mesh, TRAINING.get(name))
+    plan = shared_plan(model, batches[0], mesh, TRAINING.get(name), model_name or "gpt-tiny")
     compiled = autoshard.compile(model, batches[0], plan=plan, optimizer="sgd", lr=LR)
     losses, grads = [], {}
     for step, batch in enumerate(batches):
@@ -168,9 +194,15 @@ def check(name: str, model: nn.Module, batches: list, ref: tuple) -> dict:
 
 def main(names: list[str]) -> None:
     with rank_session() as session:
-        model, batches = make()
-        ref = reference(model, batches)
-        session.result = {name: check(name, model, batches, ref) for name in names}
+        results = {}
+        for model_name in MODELS:
+            cases = [c for c in names if (c.rpartition("/")[0] or "gpt-tiny") == model_name]
+            if not cases:
+                continue
+            model, batches = make(model_name)
+            ref = reference(model, batches)
+            results.update({case: check(case, model, batches, ref) for case in cases})
+        session.result = results
 
 
 if __name__ == "__main__":
