@@ -2,8 +2,9 @@
 
 1. Capture a reference model on the meta device (no parameter memory) and print its graph summary,
    the FLOPs per top-level module and the first nodes of its graph.
-2. Plan a GPT for a multi-node A100 cluster (every dp x tp mesh searched) and print the plan report
-   with the meshes that lost and why.
+2. Plan a GPT for a multi-node A100 cluster (dp x tp x pp, micro-batches, pipeline schedule, ZeRO stage
+   and recomputation searched, progress shown as it goes) and print the plan report with the
+   configurations that lost and why.
 3. Run a plan for real: plan a small GPT for `cpu:4`, train it a few steps on 4 local gloo processes with
    `autoshard.compile`, and print each step's loss next to the same model trained on one device here
    (same seed, same batches). The difference is the proof that the plan computes the model's math.
@@ -81,13 +82,13 @@ def show_plan(args: argparse.Namespace) -> None:
     idx = torch.zeros(args.plan_batch, seq, dtype=torch.long, device="meta")
     print(f"\n== plan: {args.plan_model}, global batch {args.plan_batch} x seq {seq}, on {args.cluster} ==")
     start = time.perf_counter()
-    plan = autoshard.plan(model, (idx, idx.clone()), args.cluster)
+    plan = autoshard.plan(model, (idx, idx.clone()), args.cluster, progress=lambda line: print(line, flush=True))
     print(f"(planned in {time.perf_counter() - start:.1f} s)\n")
     print(plan.report())
     if plan.alternatives:
         print()
-        rows = [[str(a["mesh"]), a["reason"]] for a in plan.alternatives]
-        print(format_table(["mesh", "why it lost"], rows))
+        rows = [[a.get("config", str(a.get("mesh"))), a["reason"]] for a in plan.alternatives]
+        print(format_table(["configuration", "why it lost"], rows))
 
 
 RUN_BATCH = 8  # global batch of section 3: divisible by every dp size a 4-device mesh can have

@@ -57,7 +57,7 @@ def plan_report(plan: Plan, *, depth: int | None = None) -> str:
     head = [
         f"Plan for {plan.model} on {plan.cluster}, mesh {mesh}, optimizer {plan.optimizer}, {t.precision}",
         f"  step: {t.num_micro_batches} micro-batch(es) of {t.micro_batch_size} per replica"
-        + (f", {t.pp} pipeline stages of {list(t.stages)} blocks, {t.schedule}"
+        + (f", {len(t.stages)} pipeline stages of {list(t.stages)} blocks on {t.pp} ranks, {t.schedule}"
            + (f" ({t.virtual_stages} stages per rank)" if t.virtual_stages > 1 else "")
            + f", bubble {p.bubble_fraction:.1%}" if t.pp > 1 else "")
         + f"; ZeRO stage {t.zero_stage}; recompute {summary['recompute']}",

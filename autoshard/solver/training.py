@@ -16,7 +16,11 @@ tensor-parallel mesh. This module reads that plan as a chain of units -- what pr
   parameters. Communication per step: stages 0 and 1 one all-reduce of the gradients (stage 1 as
   reduce-scatter plus all-gather: the same bytes); 2 a reduce-scatter per micro-batch (gradients accumulate
   sharded) and one all-gather of the updated parameters; 3 per micro-batch an all-gather of the parameters
-  in forward and again in backward and a reduce-scatter of their gradients. Nothing is assumed to overlap.
+  in forward and again in backward and a reduce-scatter of their gradients. These dp collectives run
+  bucketed under compute, as DDP, FSDP and Megatron-LM's distributed optimizer do (Li et al. 2020): the
+  gradient reduction under the last micro-batch's backward, ZeRO-3's gathers and reduce-scatter under
+  their micro-batch's forward and backward; only what exceeds that compute is counted. Nothing else
+  overlaps (tensor-parallel collectives and point-to-point sends sit on the critical path).
 - Recomputation per block: "full" keeps only the block's input and runs its forward again in backward
   (collectives included); "selective" drops the outputs of the FLOP-free ops (norms, activations, softmax,
   elementwise: cheap to redo, large to keep) and keeps every output of a matmul-class op (the policy
@@ -299,7 +303,9 @@ def estimate_step(
         stages = split_blocks(chain, pp * v, modes) if pp > 1 else (n_blocks,)
     mesh = {"pp": pp, "dp": dp, "tp": tp}
     pp_link = cluster.axis_link(mesh, "pp")
-    dp_link = dataclasses.replace(cluster.axis_link(mesh, "dp"), latency=0.0)  # bucketed, as in pricing
+    dp_link = cluster.axis_link(mesh, "dp")
+    latency = dp_link.latency  # ZeRO-3 issues collectives per block; gradient buckets are priced by bandwidth
+    dp_link = dataclasses.replace(dp_link, latency=0.0)
 
     # units of each pp rank: stage s runs on rank s % pp
     rank_units: list[list[tuple[Unit, str]]] = [[] for _ in range(pp)]
@@ -341,12 +347,17 @@ def estimate_step(
             + max((max(0.0, u.activation_bytes - u.activations(mode)) for u, mode in units), default=0.0),
         ))
         g_bytes = elements * p_b
-        if zero_stage <= 1:
-            dp_s = collective_time(Collective.ALL_REDUCE, int(g_bytes), dp_link) if dp > 1 else 0.0
-        elif zero_stage == 2:
-            dp_s = m * _rs(g_bytes, dp_link) + _ag(elements * p_b, dp_link) if dp > 1 else 0.0
-        else:
-            dp_s = m * (2 * _ag(elements * (w_b or p_b), dp_link) + _rs(g_bytes, dp_link)) if dp > 1 else 0.0
+        backward = sum(u.compute_s for u, _ in units) * 2 / 3  # one micro-batch's backward compute
+        if dp == 1:
+            dp_s = 0.0
+        elif zero_stage <= 1:  # bucketed all-reduce, overlapping the last micro-batch's backward
+            dp_s = _exposed(collective_time(Collective.ALL_REDUCE, int(g_bytes), dp_link), backward)
+        elif zero_stage == 2:  # a reduce-scatter under each micro-batch's backward, one all-gather after
+            dp_s = m * _exposed(_rs(g_bytes, dp_link), backward) + _ag(elements * p_b, dp_link)
+        else:  # per unit (block) one gather under forward, one gather and one reduce-scatter under backward
+            gather = _ag(elements * (w_b or p_b), dp_link) + len(units) * latency
+            scatter = _rs(g_bytes, dp_link) + len(units) * latency
+            dp_s = m * (_exposed(gather, backward / 2) + _exposed(gather + scatter, backward))
         sync.append(dp_s + sum(u.sync_s for u, _ in units))
         optimizer.append(sum(u.optimizer_s for u, _ in units) / (dp if zero_stage >= 1 else 1))
 
@@ -374,6 +385,11 @@ def estimate_step(
         model_flops=replicas * 3 * chain.flops,
         tokens=replicas * chain.tokens,
     )
+
+
+def _exposed(comm_s: float, compute_s: float) -> float:
+    """Communication left on the critical path when it runs under `compute_s` of independent compute."""
+    return max(0.0, comm_s - compute_s)
 
 
 def _in_flight(schedule: str, rank: int, pp: int, v: int, m: int) -> float:
