@@ -268,3 +268,21 @@ def test_sequence_parallel_forced_by_hints_matches_single_device(fake_world, mod
     with local_mode():
         compiled = compile(model, inputs, plan=plan, optimizer="sgd", lr=0.1)
     check_matches(model, inputs, compiled, "sgd", 0.1)
+
+
+@pytest.mark.parametrize("model_name", ["gpt-tiny", "llama-tiny"])
+def test_gradient_accumulation_over_micro_batches_matches_single_device(fake_world, model_name: str) -> None:
+    """A plan of 2 micro-batches per step (dp=4 x micro-batch 1 = 4 of the batch's 8 sequences each):
+    one backward per micro-batch, one gradient reduction per step, equal to one device on all 8."""
+    torch.manual_seed(0)
+    model = build(model_name, device="cpu")
+    vocab = model.config.vocab_size
+    inputs = (torch.randint(0, vocab, (8, 16)), torch.randint(0, vocab, (8, 16)))
+    plan = autoshard.plan(model, inputs, f"cpu:{WORLD}", mesh={"dp": WORLD}, micro_batch_size=1, zero_stage=0,
+                          optimizer="sgd")
+    assert (plan.training.micro_batch_size, plan.training.num_micro_batches) == (1, 2)
+    with local_mode():
+        compiled = compile(model, inputs, plan=plan, optimizer="sgd", lr=0.1)
+    check_matches(model, inputs, compiled, "sgd", 0.1)
+    with local_mode(), pytest.raises(autoshard.InputError, match="global batch of 8"):
+        compiled.train_step(inputs[0][:6], inputs[1][:6])
