@@ -21,6 +21,7 @@ DIST = Path(__file__).parent / "dist"
 CASES = (
     "gpt-gpipe", "gpt-1f1b", "gpt-interleaved", "gpt-tp",
     "llama-gpipe", "llama-1f1b", "llama-interleaved", "llama-tp", "skip-interleaved",
+    "gpt-solver-1f1b", "llama-solver-gpipe",
 )  # fmt: skip
 
 pytestmark = pytest.mark.slow

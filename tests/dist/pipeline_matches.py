@@ -48,6 +48,9 @@ CASES: dict[str, tuple[str, int | None, str, int, dict[str, int]]] = {
     "llama-tp": ("llama-tiny", None, "1f1b", 1, {"tp": 2}),
     # the embedding's output skips stages 1 and 2 to reach the head on stage 3 (ranks 0 -> 1 -> 0 -> 1)
     "skip-interleaved": ("skip", 4, "interleaved-1f1b", 2, {"dp": 2}),
+    # planned by the solver itself (autoshard.plan with pp pinned), not assembled by the test
+    "gpt-solver-1f1b": ("gpt-tiny", None, "1f1b", 1, {"dp": 2}),
+    "llama-solver-gpipe": ("llama-tiny", None, "gpipe", 1, {"dp": 2}),
 }
 
 
@@ -78,14 +81,24 @@ def reference(model: nn.Module, batches: list) -> tuple[list[float], dict, dict]
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
-def shared_plan(model: nn.Module, micro_batch: tuple, schedule: str, virtual: int, mesh: dict[str, int]) -> Plan:
+def shared_plan(
+    model: nn.Module, batch: tuple, schedule: str, virtual: int, mesh: dict[str, int], *, solver: bool = False
+) -> Plan:
     """Rank 0 plans; every rank runs that very plan."""
     box: list = [None]
     if dist.get_rank() == 0:
-        plan = pipelined_plan(
-            model, micro_batch, pp=2, operator_mesh=mesh, schedule=schedule, num_micro_batches=N_MICRO,
-            virtual_stages=virtual,
-        )  # fmt: skip
+        if solver:  # the outer search with the mesh and schedule pinned, on the global batch
+            plan = autoshard.plan(
+                model, batch, f"cpu:{dist.get_world_size()}", mesh={"pp": 2, **mesh}, schedule=schedule,
+                micro_batch_size=MICRO // mesh.get("dp", 1), zero_stage=0, recompute="none", optimizer="sgd",
+            )  # fmt: skip
+            assert plan.training.num_micro_batches == N_MICRO, plan.training
+        else:
+            micro = tuple(x[:MICRO] for x in batch)
+            plan = pipelined_plan(
+                model, micro, pp=2, operator_mesh=mesh, schedule=schedule, num_micro_batches=N_MICRO,
+                virtual_stages=virtual,
+            )  # fmt: skip
         box = [plan.to_json()]
     dist.broadcast_object_list(box, src=0)
     return Plan.from_json(box[0])
@@ -99,8 +112,7 @@ def check(name: str, models: dict) -> dict:
     preset, layers, schedule, virtual, mesh = CASES[name]
     model, batches, ref = models[(preset, layers)]
     ref_losses, ref_grads, ref_params = ref
-    micro = tuple(x[:MICRO] for x in batches[0])
-    plan = shared_plan(model, micro, schedule, virtual, mesh)
+    plan = shared_plan(model, batches[0], schedule, virtual, mesh, solver="solver" in name)
     compiled = autoshard.compile(model, batches[0], plan=plan, optimizer="sgd", lr=LR)
     losses, grads = [], {}
     for step, batch in enumerate(batches):
