@@ -103,12 +103,22 @@ def reset_caches() -> None:
     """Forget DTensor's cached sharding decisions and redistribution plans. They are keyed by mesh
     layout, and hold the mesh objects (with their process-group names) they were made with: after a
     process group is destroyed and another initialised in the same process (test suites do this), an
-    identical layout would otherwise reuse a mesh whose groups no longer exist."""
+    identical layout would otherwise reuse a mesh whose groups no longer exist.
+
+    DeviceMesh equality and hash are by layout (ranks, shape, dim names), not by process-group names,
+    so a cache hit from an earlier world returns that world's mesh. Besides the Python caches, DTensor's
+    dispatch has a C++ fast-path sharding-propagation cache (torch._C._clear_DTensor_sharding_propagator_cache,
+    what torch.distributed.tensor.debug._clear_fast_path_sharding_prop_cache calls): a hit there gives an
+    op's output a spec on the old mesh, and the next redistribution of that output names a group of the
+    old world ("Could not resolve the process group registered under the name 5"). It only shows when
+    the old world's group names are not also names in the new one, which depends on how many groups
+    each world created, hence on test order."""
     from torch.distributed.tensor import _redistribute
 
     propagator = _propagator()
     propagator.propagate_op_sharding.cache_clear()
     propagator._propagate_tensor_meta_cached.cache_clear()
+    torch._C._clear_DTensor_sharding_propagator_cache()
     _redistribute._gen_transform_infos.cache_clear()
     getattr(_redistribute, "_planner_cache", {}).clear()
 
