@@ -108,17 +108,17 @@ def test_data_parallel_wins_for_a_small_model_that_fits(small_gpt: autoshard.Gra
     assert plan.alternatives and all("slower" in a["reason"] for a in plan.alternatives)
 
 
-def test_memory_limit_forces_sharded_parameters(small_gpt: autoshard.GraphIR) -> None:
+def test_memory_limit_below_the_replicated_states_shards_them(small_gpt: autoshard.GraphIR) -> None:
     roomy = plan_graph(small_gpt, "a100-80g:8")
-    full_params = roomy.predicted.parameters_bytes
-    states = full_params + roomy.predicted.gradients_bytes + roomy.predicted.optimizer_bytes
-    limit = roomy.predicted.peak_memory_bytes - states / 2  # replicated states no longer fit
+    p = roomy.predicted
+    unsharded_optimizer = p.optimizer_bytes * (roomy.axis_size("dp") if roomy.training.zero_stage >= 1 else 1)
+    replicated = p.parameters_bytes + p.gradients_bytes + unsharded_optimizer
+    limit = 0.9 * replicated  # replicated states alone no longer fit: recomputation cannot help
     tight = plan_graph(small_gpt, "a100-80g:8", memory_limit=limit)
-    assert tight.predicted.peak_memory_bytes <= limit
-    # parameters (with their gradients and optimizer state) no longer fit replicated
-    assert tight.predicted.parameters_bytes < full_params
-    assert tight.predicted.step_time_s >= roomy.predicted.step_time_s
-    assert any(v != "(R,)" and "R, R" not in v for v in tight.params.values())
+    t = tight.predicted
+    assert t.peak_memory_bytes <= limit
+    assert t.parameters_bytes + t.gradients_bytes + t.optimizer_bytes < replicated
+    assert t.step_time_s >= p.step_time_s * (1 - 1e-9)
 
 
 def test_tensor_parallel_when_the_batch_cannot_be_split() -> None:
