@@ -23,6 +23,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/capture_time.py
 	$(PY) benchmarks/planning_time.py
+	$(PY) benchmarks/plan_gpt3_175b.py
+	$(PY) benchmarks/recompute_memory.py
+	$(PY) benchmarks/megatron_table1.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
