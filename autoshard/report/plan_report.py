@@ -64,7 +64,7 @@ def plan_report(plan: Plan, *, depth: int | None = None) -> str:
         f"  step time {_time(p.step_time_s)}"
         + (f" = pipeline {_time(p.pipeline_s)} + gradient sync {_time(p.sync_s)} + optimizer {_time(p.optimizer_s)}"
            if p.pipeline_s and (p.sync_s or p.optimizer_s) else "")
-        + f"; {summary['tokens_per_s']:,.0f} tokens/s, {summary['tflops_per_device']:.1f} TFLOP/s per device, "
+        + f"; {summary['tokens_per_s']:,.0f} tokens/s, {summary['tflops_per_device']:.3g} TFLOP/s per device, "
         f"MFU {summary['mfu']:.1%}",
         f"  {'one micro-batch (the table below)' if per_micro_batch else 'compute and communication'}: "
         f"compute {p.compute_s * 1e3:.3f} ms, communication {p.comm_s * 1e3:.3f} ms; sends "
