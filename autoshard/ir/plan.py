@@ -179,6 +179,11 @@ class Plan:
         not tensors)."""
         return {axis: size for axis, size in self.mesh.items() if axis != "pp"}
 
+    def replicated_spec(self) -> str:
+        """The placement string of a tensor replicated on every operator axis: `(R,)`, `(R, R)`, ..."""
+        n = len(self.operator_mesh)
+        return "(" + ", ".join(["R"] * n) + ("," if n == 1 else "") + ")"
+
     def axis_size(self, axis: str) -> int:
         return int(self.mesh.get(axis, 1))
 

@@ -301,7 +301,7 @@ def _finish_outputs(graph: Graph, produced: Any, comments: dict[str, str], plan:
         have = produced(src)
         if have is None:
             continue
-        want = "(" + ", ".join("R" for _ in plan.mesh) + ("," if len(plan.mesh) == 1 else "") + ")"
+        want = plan.replicated_spec()
         if have == want:
             continue
         with graph.inserting_before(output):

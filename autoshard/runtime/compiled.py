@@ -316,7 +316,7 @@ class CompiledModel:
     def _placement_of(self, node: str) -> str:
         d = self._decisions.get(node)
         if d is None or not d.output or d.output[0] is None:
-            return "(" + ", ".join("R" for _ in self.plan.mesh) + ("," if len(self.plan.mesh) == 1 else "") + ")"
+            return self.plan.replicated_spec()
         return d.output[0]
 
     def _placeholder_sources(self, model: nn.Module, ir: GraphIR) -> list[tuple[str, str, Any]]:

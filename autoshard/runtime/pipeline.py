@@ -30,14 +30,13 @@ Rank semantics: `parameters` holds the parameters of this rank's stages (for a s
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
 from torch.export.graph_signature import InputKind
@@ -47,7 +46,7 @@ from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan, Training
 from autoshard.runtime.micro_batches import first_micro_batch
-from autoshard.passes.codegen import as_dtensor, codegen, grad_to, redistribute, use_mesh
+from autoshard.passes.codegen import _contiguous, as_dtensor, codegen, grad_to, redistribute, use_mesh
 from autoshard.passes.stages import StageGraph, StageSplit, split_stages
 from autoshard.strategies.mesh import spec_from_str
 
@@ -139,7 +138,7 @@ class PipelinedModel:
         lr: float = 1e-3,
         **optimizer_kwargs: Any,
     ) -> None:
-        from autoshard.runtime.compiled import _owned_copy, _param_spec
+        from autoshard.runtime.compiled import _build_mesh, _owned_copy, _param_spec
 
         t = plan.training
         _check_plan(plan)
@@ -158,7 +157,7 @@ class PipelinedModel:
         canonical = {n: info.name for info in ir.params for n in info.nodes}
         self._names = {info.name: info.names for info in ir.params}
         placements = {
-            info.name: _param_spec(info.name, plan.params.get(info.name) or _replicated(plan)) for info in ir.params
+            info.name: _param_spec(info.name, plan.params.get(info.name) or plan.replicated_spec()) for info in ir.params
         }
         tensors = self._state_tensors(model, nodes, decisions)
         user_inputs = [s.arg.name for s in ir.exported.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
@@ -365,27 +364,10 @@ def _check_plan(plan: Plan) -> None:
         raise InputError("cannot run this pipelined plan: " + "; ".join(problems))
 
 
-def _build_mesh(plan: Plan) -> DeviceMesh:
-    names = tuple(plan.mesh)
-    sizes = tuple(int(plan.mesh[a]) for a in names)
-    world = dist.get_world_size()
-    if math.prod(sizes) != world:
-        raise InputError(
-            f"expected the world size to equal the plan's mesh {dict(plan.mesh)} ({math.prod(sizes)} devices), "
-            f"found {world}; launch {math.prod(sizes)} ranks or plan for this many devices"
-        )
-    return init_device_mesh("cpu", sizes, mesh_dim_names=names)
-
-
-def _replicated(plan: Plan) -> str:
-    axes = plan.operator_mesh
-    return "(" + ", ".join("R" for _ in axes) + ("," if len(axes) == 1 else "") + ")"
-
-
 def _placement(decisions: Mapping[str, Any], node: str, plan: Plan) -> str:
     d = decisions.get(node)
     if d is None or not d.output or d.output[0] is None:
-        return _replicated(plan)
+        return plan.replicated_spec()
     return d.output[0]
 
 
@@ -415,11 +397,3 @@ def _local_shape(shape: Sequence[int], mesh: DeviceMesh, spec: Sequence[Placemen
 
 def _is_tensor(node: Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
-
-
-def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= s
-    return tuple(reversed(stride))
