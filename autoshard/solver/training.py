@@ -39,13 +39,21 @@ from dataclasses import dataclass
 
 from torch.distributed.tensor import Partial
 
-from autoshard.cost_model import Cluster, Collective, Link, collective_time, optimizer_state_bytes_per_param
+from autoshard.cost_model import (
+    Cluster,
+    Collective,
+    Link,
+    MemoryBreakdown,
+    collective_time,
+    optimizer_state_bytes_per_param,
+    training_memory,
+)
 from autoshard.ir.graph import GraphIR, NodeKind
 from autoshard.ir.plan import Plan
 from autoshard.strategies.fused_split import is_sharded
 from autoshard.strategies.mesh import spec_from_str
 
-__all__ = ["Chain", "StageMemory", "StepEstimate", "Unit", "chain_of", "estimate_step", "split_blocks"]
+__all__ = ["Chain", "StepEstimate", "Unit", "chain_of", "estimate_step", "split_blocks"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -249,20 +257,6 @@ def split_blocks(chain: Chain, num_stages: int, recompute: Sequence[str]) -> tup
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class StageMemory:
-    """Bytes one device of one pp rank holds at its peak."""
-
-    parameters: float
-    gradients: float
-    optimizer_state: float
-    activations: float
-
-    @property
-    def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer_state + self.activations
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
 class StepEstimate:
     step_time_s: float
     pipeline_s: float  # forward and backward of all micro-batches, bubble included
@@ -270,7 +264,7 @@ class StepEstimate:
     optimizer_s: float
     bubble_fraction: float
     stages: tuple[int, ...]
-    memory: tuple[StageMemory, ...]  # per pp rank
+    memory: tuple[MemoryBreakdown, ...]  # per pp rank, one device
     hardware_flops: float  # per step, all devices, recomputation included
     model_flops: float  # per step, all devices, forward + backward only
     tokens: int  # per step
@@ -339,11 +333,11 @@ def estimate_step(
         grads = elements * p_b / (dp if zero_stage >= 2 else 1)
         states = elements * o_b / (dp if zero_stage >= 1 else 1)
         kept = sum(u.activations(mode) for u, mode in units)
-        memory.append(StageMemory(
-            parameters=params,
-            gradients=grads,
-            optimizer_state=states,
-            activations=kept * _in_flight(schedule, r, pp, v, m)
+        memory.append(training_memory(
+            param_bytes=params,
+            grad_bytes=grads,
+            optimizer_bytes=states,
+            activation_bytes=kept * _in_flight(schedule, r, pp, v, m)
             + max((max(0.0, u.activation_bytes - u.activations(mode)) for u, mode in units), default=0.0),
         ))
         g_bytes = elements * p_b
