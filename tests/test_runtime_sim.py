@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
 
 import autoshard
 from autoshard.models import build
 from autoshard.runtime import CompiledModel, compile
+from pipeline_plans import TP_SPLITS as MEGATRON_SPLITS
 
 WORLD = 4
 STEPS = 3
@@ -81,23 +81,8 @@ def make(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 # Megatron's column/row split, forced by parameter pattern (placement on the tp axis).
 TP_SPLITS: dict[str, dict[str, Placement]] = {
     "mlp": {"fc1.weight": Shard(0), "fc1.bias": Shard(0), "fc2.weight": Shard(1)},
-    "gpt-tiny": {
-        "*.c_attn.weight": _StridedShard(0, split_factor=3),  # fused qkv: chunked locally by codegen
-        "*.c_attn.bias": _StridedShard(0, split_factor=3),
-        "*.attn.c_proj.weight": Shard(1),
-        "*.c_fc.weight": Shard(0),
-        "*.c_fc.bias": Shard(0),
-        "*.mlp.c_proj.weight": Shard(1),
-    },
-    "llama-tiny": {
-        "*.wq.weight": Shard(0),
-        "*.wk.weight": Shard(0),
-        "*.wv.weight": Shard(0),
-        "*.wo.weight": Shard(1),
-        "*.w1.weight": Shard(0),
-        "*.w3.weight": Shard(0),
-        "*.w2.weight": Shard(1),
-    },
+    "gpt-tiny": MEGATRON_SPLITS["gpt"],  # fused qkv: strided, chunked locally by codegen
+    "llama-tiny": MEGATRON_SPLITS["llama"],
 }
 
 MESHES: dict[str, Mapping[str, int] | None] = {

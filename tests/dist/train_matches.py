@@ -21,15 +21,19 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import Placement, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
+from pathlib import Path
 
-import autoshard
-from autoshard.ir.plan import Plan, Training
-from autoshard.models import build
-from autoshard.runtime.launch import rank_session
-from autoshard.runtime.zero import on_dp
-from autoshard.solver.blocks import fold_blocks
+from torch.distributed.tensor import Placement, Replicate, Shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for the shared tensor-parallel splits
+
+import autoshard  # noqa: E402
+from autoshard.ir.plan import Plan, Training  # noqa: E402
+from autoshard.models import build  # noqa: E402
+from autoshard.runtime.launch import rank_session  # noqa: E402
+from autoshard.runtime.zero import on_dp  # noqa: E402
+from autoshard.solver.blocks import fold_blocks  # noqa: E402
+from pipeline_plans import TP_SPLITS  # noqa: E402  (Megatron's column/row split per model family)
 
 STEPS = 3
 LR = 0.1
@@ -58,35 +62,12 @@ TRAINING: dict[str, dict] = {
 }
 MODELS = ("gpt-tiny", "llama-tiny")  # a case "llama-tiny/dp2xtp2-zero1" runs that model; plain names gpt-tiny
 
-# Megatron's column/row split for the GPT on the tp axis (fused qkv: strided, chunked locally by codegen)
-MEGATRON: dict[str, Placement] = {
-    "*.c_attn.weight": _StridedShard(0, split_factor=3),
-    "*.c_attn.bias": _StridedShard(0, split_factor=3),
-    "*.attn.c_proj.weight": Shard(1),
-    "*.c_fc.weight": Shard(0),
-    "*.c_fc.bias": Shard(0),
-    "*.mlp.c_proj.weight": Shard(1),
-}
-
-
-# LLaMA's: q, k, v, gate and up projections column-parallel, output and down projections row-parallel
-LLAMA: dict[str, Placement] = {
-    "*.wq.weight": Shard(0),
-    "*.wk.weight": Shard(0),
-    "*.wv.weight": Shard(0),
-    "*.wo.weight": Shard(1),
-    "*.w1.weight": Shard(0),
-    "*.w3.weight": Shard(0),
-    "*.w2.weight": Shard(1),
-}
-
-
 def forced(mesh: Mapping[str, int], model_name: str = "gpt-tiny") -> dict[str, tuple[Placement, ...]] | None:
     """Force the tensor-parallel split where the mesh has a tp axis (the solver could pick a plan that
     never shards a weight on so small a model, which would leave the tp code path untested)."""
     if "tp" not in mesh:
         return None
-    split = MEGATRON if model_name.startswith("gpt") else LLAMA
+    split = TP_SPLITS["gpt" if model_name.startswith("gpt") else "llama"]
     return {pat: tuple(p if axis == "tp" else Replicate() for axis in mesh) for pat, p in split.items()}
 
 
