@@ -8,12 +8,11 @@ Two modes:
 - operator sharding alone on a given mesh {dp, tp} (`mesh=` and nothing else): the ILP on the whole
   mesh at the given batch in one micro-batch, parameters free to shard over dp as well. Tests and
   manual strategies (`param_placements`) use it; it is exact for what it covers.
-Either way the plans that lost are kept as `plan.alternatives` with the reason each lost.
+The full search keeps the configurations that lost as `plan.alternatives`, with the reason each lost.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,9 +25,8 @@ from autoshard.cost_model import Cluster
 from autoshard.errors import InputError
 from autoshard.hints import hints_in_graph
 from autoshard.ir.graph import GraphIR
-from autoshard.ir.plan import Plan
+from autoshard.ir.plan import PRECISIONS, RECOMPUTE, SCHEDULES, Plan
 from autoshard.report.table import format_count
-from autoshard.ir.plan import PRECISIONS, RECOMPUTE, SCHEDULES
 from autoshard.solver.planner import plan_on_mesh
 from autoshard.solver.step_search import Fixed, search_step
 from autoshard.solver.problem import NoFeasiblePlan
@@ -133,45 +131,29 @@ def plan_graph(
             time_limit_s=time_limit_s,
             progress=progress,
         )
-    meshes = [_checked_mesh(mesh, cluster)]
-    hints = hints_in_graph(ir.exported) if ir.exported is not None else {}
-    results: list[Plan] = []
-    failures: list[tuple[MeshSpec, NoFeasiblePlan]] = []
-    for candidate in meshes:
-        log.info("planning %s on mesh %s", ir.model_type, candidate)
-        try:
-            results.append(
-                plan_on_mesh(
-                    ir,
-                    cluster,
-                    candidate,
-                    optimizer=optimizer,
-                    memory_limit=memory_limit,
-                    param_placements=param_placements,
-                    hints=hints,
-                    time_limit_s=time_limit_s,
-                    precision=precision,
-                )
-            )
-        except NoFeasiblePlan as exc:
-            failures.append((candidate, exc))
-    if not results:
-        smallest = min(exc.minimum_memory for _, exc in failures)
-        tried = ", ".join(str(m) for m, _ in failures)
-        raise NoFeasiblePlan(
-            f"no plan of {ir.model_type} fits in {format_count(failures[0][1].memory_limit or 0, unit='B')} "
-            f"per device on {cluster} (meshes tried: {tried}); the smallest memory per device that would "
-            f"fit is {format_count(smallest, unit='B')}. Use more devices or devices with more memory.",
-            minimum_memory=smallest,
-            memory_limit=failures[0][1].memory_limit,
+    operator_mesh = _checked_mesh(mesh, cluster)
+    log.info("planning %s on mesh %s", ir.model_type, operator_mesh)
+    try:
+        return plan_on_mesh(
+            ir,
+            cluster,
+            operator_mesh,
+            optimizer=optimizer,
+            memory_limit=memory_limit,
+            param_placements=param_placements,
+            hints=hints_in_graph(ir.exported) if ir.exported is not None else {},
+            time_limit_s=time_limit_s,
+            precision=precision,
         )
-    results.sort(key=lambda p: p.predicted.step_time_s)
-    best = results[0]
-    alternatives = [_alternative(p, best) for p in results[1:]] + [
-        {"mesh": dict(m.axes), "reason": f"does not fit: needs at least {format_count(e.minimum_memory, unit='B')}"}
-        for m, e in failures
-    ]
-    return dataclasses.replace(best, alternatives=tuple(alternatives))
+    except NoFeasiblePlan as exc:
+        raise NoFeasiblePlan(
+            f"no plan of {ir.model_type} fits in {format_count(exc.memory_limit or 0, unit='B')} per device on "
+            f"{cluster} (mesh {operator_mesh}); the smallest memory per device that would fit is "
+            f"{format_count(exc.minimum_memory, unit='B')}. Use more devices or devices with more memory, or "
+            "leave the mesh to the search (it can add ZeRO, recomputation and pipeline stages).",
+            minimum_memory=exc.minimum_memory,
+            memory_limit=exc.memory_limit,
+        ) from exc
 
 
 def _checked_choice(name: str, value: str | None, allowed: Sequence[str]) -> str | None:
@@ -197,13 +179,3 @@ def _checked_mesh(mesh: Mapping[str, int], cluster: Cluster) -> MeshSpec:
             "Make the axis sizes multiply to the device count."
         )
     return MeshSpec.of(mesh)
-
-
-def _alternative(candidate: Plan, best: Plan) -> dict[str, Any]:
-    slower = candidate.predicted.step_time_s / best.predicted.step_time_s - 1
-    return {
-        "mesh": dict(candidate.mesh),
-        "step_time_s": candidate.predicted.step_time_s,
-        "peak_memory_bytes": candidate.predicted.peak_memory_bytes,
-        "reason": f"{slower:.1%} slower than mesh {dict(best.mesh)}",
-    }
