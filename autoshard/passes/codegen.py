@@ -44,7 +44,7 @@ from autoshard.errors import InputError
 from autoshard.hints.ops import SHARD_OP
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan, PlannedCollective
-from autoshard.passes.recompute import outline_blocks
+from autoshard.passes.recompute import block_modes, outline_blocks
 from autoshard.report.table import format_count
 from autoshard.strategies.mesh import Spec, spec_from_str, spec_str
 
@@ -265,10 +265,10 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
     graph.lint()
     graph.on_generate_code(lambda previous: _commenter(graph, comments, previous))
     gm.recompile()
-    if any(mode != "none" for mode in plan.training.recompute):
+    if modes := block_modes(plan.training):
         outline_blocks(
             gm,
-            plan.training,
+            modes,
             {n.name: n.module for n in ir.nodes},
             on_generate_code=lambda sub: sub.on_generate_code(lambda previous: _commenter(sub, comments, previous)),
         )

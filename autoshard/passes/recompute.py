@@ -18,7 +18,7 @@ codegen inserted in between belong to it) into a GraphModule `self.<block>` and 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from autoshard.errors import InputError
 from autoshard.ir.plan import Training
 
-__all__ = ["SAVED_OPS", "checkpoint_block", "outline_blocks", "selective_policy"]
+__all__ = ["SAVED_OPS", "block_modes", "checkpoint_block", "outline_blocks", "selective_policy"]
 
 _aten = torch.ops.aten
 # Ops whose outputs selective recomputation keeps. Dispatch sees ops after CompositeImplicit
@@ -74,20 +74,20 @@ def in_block(module: str, block: str) -> bool:
 
 def outline_blocks(
     gm: GraphModule,
-    training: Training,
+    modes: Mapping[str, str],
     module_of: Mapping[str, str],
     *,
     on_generate_code: Callable[[Graph], None] | None = None,
 ) -> list[str]:
     """Outline every block whose recompute mode is not "none" and call it through `checkpoint_block`.
 
-    `module_of` maps node names to module paths (the capture's, from the GraphIR). Returns the names
-    of the submodules added. `on_generate_code(graph)` is applied to each outlined graph (the caller's
-    comment writer).
+    `modes` maps block paths (`training.blocks`, or the blocks of one pipeline stage) to their recompute
+    mode (`block_modes`). `module_of` maps node names to module paths (the capture's, from the GraphIR).
+    Returns the names of the submodules added. `on_generate_code(graph)` is applied to each outlined
+    graph (the caller's comment writer).
     """
     added = []
-    for i, block in enumerate(training.blocks):
-        mode = training.recompute_of(i)
+    for block, mode in modes.items():
         if mode == "none":
             continue
         nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
@@ -105,6 +105,12 @@ def outline_blocks(
         gm.graph.lint()
         gm.recompile()
     return added
+
+
+def block_modes(training: Training, blocks: Iterable[int] | None = None) -> dict[str, str]:
+    """{block path: recompute mode} for the blocks numbered `blocks` (default: all) that recompute."""
+    chosen = range(len(training.blocks)) if blocks is None else blocks
+    return {training.blocks[i]: training.recompute_of(i) for i in chosen if training.recompute_of(i) != "none"}
 
 
 def _outline(

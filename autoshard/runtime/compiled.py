@@ -35,6 +35,7 @@ from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan
 from autoshard.passes.codegen import codegen, use_mesh
 from autoshard.runtime.materialize import materialize_shards
+from autoshard.runtime.precision import autocast
 from autoshard.runtime.micro_batches import first_micro_batch, split_micro_batches
 from autoshard.runtime.zero import ZeroOptimizer, check_zero_mesh, zero3_plan
 from autoshard.strategies.mesh import spec_from_str
@@ -239,11 +240,7 @@ class CompiledModel:
         return total / len(chunks)
 
     def _autocast(self) -> ContextManager[Any]:
-        """bf16-mixed: forward under autocast (matmuls in bf16, reductions and the loss in fp32); the
-        parameters, gradients and optimizer state stay fp32 (the master weights)."""
-        if self.training.precision == "bf16-mixed":
-            return torch.autocast(self.mesh.device_type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.training.precision, self.mesh.device_type)
 
     def gradients(self) -> dict[str, DTensor]:
         """Each parameter's gradient after the last backward, by canonical name. Under ZeRO the one the

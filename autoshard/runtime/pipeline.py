@@ -14,10 +14,18 @@ of every data-parallel replica, `micro_batch_size * dp` sequences. `train_step` 
 
 The loss: the model's forward(inputs..., targets) returns the mean loss. The nodes that read the targets
 (the loss tail) become the schedule's `loss_fn(output, target)` on the last stage, so targets never travel
-through the pipeline. Each micro-batch's loss is the mean over that micro-batch; the schedule scales the
-gradients by 1 / num_micro_batches (`scale_grads=True`), so gradients equal the single-device gradients of
-the global-batch mean, and `train_step` returns the mean of the micro-batch losses (equal sizes: the
-global mean), broadcast from the last stage to every rank.
+through the pipeline. Each micro-batch's loss is the mean over that micro-batch; the gradients, summed
+over the micro-batches, are divided by their number once after the schedule, so they equal the
+single-device gradients of the global-batch mean (train_step does this, not the schedule's
+`scale_grads`, which divides `p.grad`: ZeRO-2 has already moved that into its shard). `train_step`
+returns the mean of the micro-batch losses (equal sizes: the global mean), broadcast from the last stage
+to every rank.
+
+ZeRO, recomputation and mixed precision work per stage as in CompiledModel: ZeRO-3 stores the parameters
+sharded over the operator mesh's dp axis (runtime/zero.py's plan rewrite, before codegen); ZeRO-1/2 step
+dp shards of every copy of every parameter this rank holds (ZeroOptimizer); a recomputed block is outlined
+into its stage's graph after the cut (passes/recompute.py); bf16-mixed runs each stage's forward and the
+loss under autocast, and what crosses a stage boundary keeps the dtype autocast gave it.
 
 Shared parameters: a parameter read by two stages (GPT's tied wte / lm_head) gets a copy on each. After
 backward the copies' gradients are summed (over the pp axis; Megatron's embedding all-reduce), so every
@@ -45,9 +53,12 @@ from torch.fx import Node
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan, Training
-from autoshard.runtime.micro_batches import first_micro_batch
 from autoshard.passes.codegen import _contiguous, as_dtensor, codegen, grad_to, redistribute, use_mesh
+from autoshard.passes.recompute import block_modes, outline_blocks
 from autoshard.passes.stages import StageGraph, StageSplit, split_stages
+from autoshard.runtime.micro_batches import first_micro_batch
+from autoshard.runtime.precision import autocast
+from autoshard.runtime.zero import ZeroOptimizer, check_zero_mesh, master_spec, zero3_plan
 from autoshard.strategies.mesh import spec_from_str
 
 __all__ = ["PipelinedModel", "first_micro_batch"]
@@ -86,10 +97,12 @@ class _StageModule(nn.Module):
         tensors: Mapping[str, DTensor],
         inputs: Sequence[_Boundary | tuple[Placement, ...]],
         outputs: Sequence[_Boundary],
+        precision: str,
     ) -> None:
         super().__init__()
         self.graph_module = piece.graph_module
         self.mesh = mesh
+        self.precision = precision
         for name in piece.state:
             if name in params:
                 self.register_parameter(name, params[name])
@@ -102,7 +115,7 @@ class _StageModule(nn.Module):
             b.enter(v, self.mesh) if isinstance(b, _Boundary) else distribute_tensor(v, self.mesh, b)
             for b, v in zip(self._inputs, values, strict=True)
         ]
-        with use_mesh(self.mesh):
+        with use_mesh(self.mesh), autocast(self.precision, self.mesh.device_type):
             out = self.graph_module(*self._state, *args)
         locals_ = tuple(b.leave(v, self.mesh) for b, v in zip(self._outputs, out, strict=True))
         return locals_[0] if len(locals_) == 1 else locals_
@@ -111,14 +124,16 @@ class _StageModule(nn.Module):
 class _LossFn:
     """The loss tail as the schedule's `loss_fn(output, target)`: the scalar loss as a plain tensor."""
 
-    def __init__(self, piece: StageGraph, mesh: DeviceMesh, inputs: Sequence[_Boundary], target: tuple) -> None:
-        self.piece, self.mesh, self.inputs, self.target = piece, mesh, list(inputs), target
+    def __init__(
+        self, piece: StageGraph, mesh: DeviceMesh, inputs: Sequence[_Boundary], target: tuple, precision: str
+    ) -> None:
+        self.piece, self.mesh, self.inputs, self.target, self.precision = piece, mesh, list(inputs), target, precision
 
     def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
         outputs = output if isinstance(output, (tuple, list)) else (output,)
         args = [b.enter(v, self.mesh) for b, v in zip(self.inputs, outputs, strict=True)]
         args.append(distribute_tensor(target, self.mesh, self.target))
-        with use_mesh(self.mesh):
+        with use_mesh(self.mesh), autocast(self.precision, self.mesh.device_type):
             (loss,) = self.piece.graph_module(*args)
         if loss.numel() != 1:
             raise InputError(f"expected a scalar loss, found shape {tuple(loss.shape)}; the model must return the loss")
@@ -142,15 +157,29 @@ class PipelinedModel:
 
         t = plan.training
         _check_plan(plan)
-        self.plan, self.ir, self.training = plan, ir, t
+        # the operator plan every stage runs on the (dp, tp ...) sub-mesh; ZeRO-3 stores parameters
+        # sharded over its dp axis (gathered at use), ZeRO-1/2 shard the optimizer below
+        op_plan = dataclasses.replace(plan, mesh=plan.operator_mesh)
+        self.zero_unsharded: tuple[str, ...] = ()  # parameters ZeRO could not shard (no dim dp divides)
+        if t.zero_stage == 3:
+            op_plan, self.zero_unsharded = zero3_plan(op_plan, ir)
+        elif t.zero_stage:
+            check_zero_mesh(op_plan.mesh, t.zero_stage)
+        self.plan, self.operator_plan, self.ir, self.training = plan, op_plan, ir, t
         self.mesh = _build_mesh(plan)
         self.operator_mesh: DeviceMesh = self.mesh[tuple(plan.operator_mesh)]
         self.pp_group = self.mesh.get_group("pp")
         self.pp_rank = self.mesh.get_local_rank("pp")
-        op_plan = dataclasses.replace(plan, mesh=plan.operator_mesh)
-        self.graph_module = codegen(ir, op_plan, device=self.mesh.device_type)
+        # recomputation is applied per stage, after the cut: a checkpointed block is one call node that
+        # the split could not look inside
+        whole = dataclasses.replace(op_plan, training=dataclasses.replace(t, recompute=()))
+        self.graph_module = codegen(ir, whole, device=self.mesh.device_type)
         self.split: StageSplit = split_stages(self.graph_module, ir, t)
         self.stage_ids = tuple(range(self.pp_rank, len(t.stages), t.pp))
+        module_of = {info.name: info.module for info in ir.nodes}
+        for sid in self.stage_ids:
+            outline_blocks(self.split.stages[sid].graph_module, block_modes(t, t.stage_blocks(sid)), module_of)
+        plan = op_plan
 
         nodes = {n.name: n for n in self.graph_module.graph.nodes}
         decisions = {d.node: d for d in plan.nodes}
@@ -195,9 +224,8 @@ class PipelinedModel:
             inputs = [
                 spec_from_str(_placement(decisions, n, plan)) if sid == 0 else boundary(n) for n in piece.inputs
             ]
-            self.modules.append(
-                _StageModule(piece, self.operator_mesh, params, tensors, inputs, [boundary(n) for n in piece.outputs])
-            )
+            outputs = [boundary(n) for n in piece.outputs]
+            self.modules.append(_StageModule(piece, self.operator_mesh, params, tensors, inputs, outputs, t.precision))
         self.parameters: dict[str, nn.Parameter] = {}
         for sid in self.stage_ids:
             for c, p in self.stage_params[sid].items():
@@ -212,25 +240,34 @@ class PipelinedModel:
 
         loss_inputs = [boundary(n) for n in self.split.loss.inputs[:-1]]
         target_spec = spec_from_str(_placement(decisions, self.split.target, plan))
-        self.loss_fn = _LossFn(self.split.loss, self.operator_mesh, loss_inputs, target_spec)
+        self.loss_fn = _LossFn(self.split.loss, self.operator_mesh, loss_inputs, target_spec, t.precision)
         device = torch.device(self.mesh.device_type)
         self.stages = [
             PipelineStage(m, sid, len(t.stages), device, group=self.pp_group)
             for m, sid in zip(self.modules, self.stage_ids, strict=True)
         ]
+        # gradients are summed over micro-batches and divided by their number in train_step, not by the
+        # schedule: it divides `p.grad`, which ZeRO-2 has already moved into the dp shard
         schedule = _SCHEDULES[t.schedule]
-        if t.schedule == "interleaved-1f1b":
-            self.schedule = schedule(self.stages, t.num_micro_batches, loss_fn=self.loss_fn, scale_grads=True)
-        else:
-            self.schedule = schedule(self.stages[0], t.num_micro_batches, loss_fn=self.loss_fn, scale_grads=True)
+        first = self.stages if t.schedule == "interleaved-1f1b" else self.stages[0]
+        self.schedule = schedule(first, t.num_micro_batches, loss_fn=self.loss_fn, scale_grads=False)
 
-        all_params = [p for sid in self.stage_ids for p in self.stage_params[sid].values()]
-        if optimizer == "sgd":
-            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(all_params, lr=lr, **optimizer_kwargs)
-        elif optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(all_params, lr=lr, **optimizer_kwargs)
-        else:
+        if optimizer not in ("sgd", "adamw"):
             raise InputError(f"expected optimizer 'sgd' or 'adamw', found {optimizer!r}")
+        optimizer_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
+
+        def make_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            return optimizer_cls(params, lr=lr, **optimizer_kwargs)
+
+        # every copy of a parameter is stepped (the copies of a shared one take equal, summed gradients)
+        copies = {f"stage{sid}/{c}": p for sid in self.stage_ids for c, p in self.stage_params[sid].items()}
+        self.zero: ZeroOptimizer | None = None
+        if t.zero_stage in (1, 2):
+            self.zero = ZeroOptimizer(copies, self.operator_mesh, stage=t.zero_stage, make_optimizer=make_optimizer)
+            self.zero_unsharded = self.zero.unsharded
+            self.optimizer: torch.optim.Optimizer | ZeroOptimizer = self.zero
+        else:
+            self.optimizer = make_optimizer(list(copies.values()))
 
     # ---- running ------------------------------------------------------------------------------------
 
@@ -250,9 +287,12 @@ class PipelinedModel:
             return_outputs=False,
         )
         for sid in self.stage_ids:
-            for p in self.stage_params[sid].values():
+            for c, p in self.stage_params[sid].items():
                 if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
                     p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+                holder = self._grad_holder(sid, c)
+                if holder.grad is not None:  # the mean over micro-batches (each loss is a micro-batch mean)
+                    holder.grad.div_(self.training.num_micro_batches)
         self._sum_shared_gradients()
         self.optimizer.step()
         loss = torch.stack([x.detach() for x in losses]).mean() if has_last else torch.zeros(())
@@ -284,24 +324,54 @@ class PipelinedModel:
         args = [by_name[n] for n in self.split.stages[0].inputs]
         return args, target
 
+    def _grad_holder(self, sid: int, c: str) -> nn.Parameter:
+        """The tensor whose `.grad` the optimizer reads for stage `sid`'s copy of `c`: the parameter, or
+        under ZeRO-2 its master shard (the full gradient was reduce-scattered into it and dropped)."""
+        if self.zero is not None and self.zero.stage == 2:
+            shard = self.zero.shards.get(f"stage{sid}/{c}")
+            if shard is not None:
+                return shard.master
+        return self.stage_params[sid][c]
+
+    def _holder_local_shape(self, c: str) -> tuple[int, ...]:
+        """This rank's shape of `_grad_holder`'s tensor for `c`, for a rank that holds no copy of it."""
+        shape, _ = self._shapes[c]
+        spec = self._placements[c]
+        if self.zero is not None and self.zero.stage == 2:
+            spec = master_spec(shape, spec, self.operator_mesh) or spec
+        return _local_shape(shape, self.operator_mesh, spec)
+
     def _sum_shared_gradients(self) -> None:
         """Sum the gradients of a parameter's copies on every stage that reads it (over the pp axis)."""
         for c in self._shared:
-            copies = [self.stage_params[sid][c] for sid in self.stage_ids if c in self.stage_params[sid]]
-            if copies and not copies[0].requires_grad:
+            holders = [self._grad_holder(sid, c) for sid in self.stage_ids if c in self.stage_params[sid]]
+            if holders and not holders[0].requires_grad:
                 continue
-            shape, dtype = self._shapes[c]
-            total = torch.zeros(_local_shape(shape, self.operator_mesh, self._placements[c]), dtype=dtype)
-            for p in copies:
-                if p.grad is not None:
-                    total += p.grad.to_local()
+            if holders:
+                total = torch.zeros_like(holders[0].detach().to_local())
+            else:  # this pp rank holds no copy; it still takes part in the reduction, with zeros
+                total = torch.zeros(self._holder_local_shape(c), dtype=self._shapes[c][1])
+            for h in holders:
+                if h.grad is not None:
+                    total += h.grad.to_local()
             dist.all_reduce(total, group=self.pp_group)
-            for p in copies:
-                p.grad = DTensor.from_local(
-                    total.clone(), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            for h in holders:
+                h.grad = DTensor.from_local(
+                    total.clone(), h.device_mesh, h.placements, run_check=False, shape=h.shape, stride=h.stride()
                 )
 
     # ---- inspection -----------------------------------------------------------------------------------
+
+    def gradients(self) -> dict[str, DTensor]:
+        """The gradient of each parameter this rank's stages hold, by canonical name, as the optimizer used
+        it after the last step (as CompiledModel.gradients: under ZeRO-2 the dp shard, the only one kept)."""
+        out: dict[str, DTensor] = {}
+        for sid in self.stage_ids:
+            for c in self.stage_params[sid]:
+                grad = self._grad_holder(sid, c).grad
+                if c not in out and grad is not None:
+                    out[c] = grad
+        return out
 
     @property
     def code(self) -> str:
@@ -358,8 +428,6 @@ def _check_plan(plan: Plan) -> None:
                 f"interleaved-1f1b needs num_micro_batches ({t.num_micro_batches}) to be a multiple of "
                 f"max(1, num_micro_batches // pp) = {rounds}"
             )
-    if t.zero_stage or any(r != "none" for r in t.recompute) or t.precision != "fp32":
-        problems.append("ZeRO, recomputation and bf16 are not supported with pipeline stages yet")
     if problems:
         raise InputError("cannot run this pipelined plan: " + "; ".join(problems))
 

@@ -37,7 +37,7 @@ from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan
 from autoshard.strategies.mesh import spec_from_str, spec_str
 
-__all__ = ["DP_AXIS", "ZeroOptimizer", "check_zero_mesh", "on_dp", "zero3_plan", "zero_dim", "zero_spec"]
+__all__ = ["DP_AXIS", "ZeroOptimizer", "check_zero_mesh", "master_spec", "on_dp", "zero3_plan", "zero_dim", "zero_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,14 @@ def zero_dim(shape: Sequence[int], placements: Sequence[Placement], dp_index: in
 def zero_spec(placements: Sequence[Placement], dp_index: int, dim: int) -> tuple[Placement, ...]:
     """`placements` with the dp entry replaced by `Shard(dim)`."""
     return tuple(Shard(dim) if i == dp_index else p for i, p in enumerate(placements))
+
+
+def master_spec(shape: Sequence[int], placements: Sequence[Placement], mesh: DeviceMesh) -> tuple[Placement, ...] | None:
+    """The placements of a parameter's ZeRO-1/2 master shard on `mesh` (which has a dp axis); None for a
+    parameter ZeRO-1/2 keeps as it is (no dim dp divides, or the plan already shards it over dp)."""
+    dp_index = list(mesh.mesh_dim_names or ()).index(DP_AXIS)
+    dim = zero_dim(shape, placements, dp_index, mesh.shape[dp_index])
+    return None if dim is None else zero_spec(placements, dp_index, dim)
 
 
 def on_dp(t: DTensor, dp_index: int, placement: Placement) -> DTensor:
@@ -180,15 +188,14 @@ class ZeroOptimizer:
         for name, p in params.items():
             if not p.requires_grad:
                 continue
-            dim = zero_dim(p.shape, p.placements, dp_index, dp)
-            if dim is None:
+            spec = master_spec(p.shape, p.placements, mesh)
+            if spec is None:
                 if isinstance(p.placements[dp_index], Replicate):
                     unsharded.append(name)
                 else:
                     planned.append(name)
                 stepped.append(p)
                 continue
-            spec = zero_spec(p.placements, dp_index, dim)
             with torch.no_grad():  # a slice of the replicated value (local), copied so it owns its storage
                 master = nn.Parameter(on_dp(p.detach(), dp_index, spec[dp_index]).to(torch.float32).clone())
             self.shards[name] = _Shard(param=p, master=master, spec=spec, dp_index=dp_index)
