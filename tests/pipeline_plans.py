@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import autoshard
 from autoshard.ir.plan import Plan, Training
@@ -114,3 +115,17 @@ def pipelined_plan(
     return dataclasses.replace(
         plan, mesh={"pp": pp, **operator_mesh}, cluster=f"cpu:{pp * devices}", training=training
     )
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the dtype of every mm / addmm output run under it (did the matmuls run in bf16?)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.dtypes.add(out.dtype)
+        return out

@@ -22,6 +22,7 @@ from autoshard.runtime import compile
 from autoshard.runtime.zero import on_dp
 from autoshard.runtime.recompute import measure_saved_activation_bytes
 from autoshard.solver.blocks import fold_blocks
+from pipeline_plans import MatmulDtypes
 from test_runtime_sim import (  # noqa: F401 - fake_world is a fixture
     STEPS,
     WORLD,
@@ -275,19 +276,6 @@ def test_bf16_mixed_trains_close_to_fp32(fake_world) -> None:
     from the matmuls, so its error stays well inside one bf16 rounding (measured: ~1e-5 relative on
     gpt-tiny, as for the single-device autocast run); a wrong step (a lost gradient reduction, say)
     changes the second loss by ~6% (4.86 -> 4.57)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class MatmulDtypes(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.dtypes: set[torch.dtype] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-                self.dtypes.add(out.dtype)
-            return out
-
     model, inputs, plan = planned("gpt-tiny", {"dp": 2, "tp": 2}, precision="bf16-mixed", zero_stage=1)
     with local_mode():
         compiled = compile(model, inputs, plan=plan, optimizer="sgd", lr=0.1)

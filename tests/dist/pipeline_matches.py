@@ -30,7 +30,7 @@ from autoshard.errors import InputError  # noqa: E402
 from autoshard.ir.plan import Plan  # noqa: E402
 from autoshard.models import build  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
-from pipeline_plans import SkipModel, pipelined_plan  # noqa: E402
+from pipeline_plans import MatmulDtypes, SkipModel, pipelined_plan  # noqa: E402
 
 STEPS = 3
 LR = 0.1
@@ -234,19 +234,6 @@ def check_bf16(compiled, batches: list, ref_losses: list[float], ref_params: dic
     rounding off fp32's (measured 0.47% on gpt-tiny), and the pipelined run rounds at other places
     (micro-batch sums, dp reductions). A lost reduction or a wrong micro-batch scale moves the update
     by 25% or more; the losses alone, 3 small steps apart, could not tell."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class MatmulDtypes(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.dtypes: set[torch.dtype] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-                self.dtypes.add(out.dtype)
-            return out
-
     seen = MatmulDtypes()
     with seen:
         losses = [compiled.train_step(*batches[0])]
