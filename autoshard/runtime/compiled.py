@@ -46,7 +46,15 @@ if TYPE_CHECKING:
 
 __all__ = ["CompiledModel", "compile"]
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
+def optimizer_factory(name: str, lr: float, **kwargs: Any) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """`make(params)` building optimizer `name` ("sgd" or "adamw") at `lr` over `params`."""
+    if name not in OPTIMIZERS:
+        raise InputError(f"expected optimizer in {tuple(OPTIMIZERS)}, found {name!r}; pass optimizer='sgd' or 'adamw'")
+    cls = OPTIMIZERS[name]
+    return lambda params: cls(params, lr=lr, **kwargs)
 
 
 def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
@@ -75,8 +83,7 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     A model built on the meta device (too big for one device) needs `seed`: only each rank's shards are
     materialised, equal to the model built on cpu after `torch.manual_seed(seed)` (runtime/materialize.py).
     """
-    if optimizer not in OPTIMIZERS:
-        raise InputError(f"expected optimizer in {OPTIMIZERS}, found {optimizer!r}; pass optimizer='sgd' or 'adamw'")
+    optimizer_factory(optimizer, lr)  # a bad name is refused before anything is captured or planned
     if not dist.is_initialized():
         raise InputError(
             "expected an initialised default process group, found none; "
@@ -175,10 +182,7 @@ class CompiledModel:
             )
             self._names[info.name] = info.names
         self._signature = self._placeholder_sources(model, ir)
-        optimizer_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
-
-        def make_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-            return optimizer_cls(params, lr=lr, **optimizer_kwargs)
+        make_optimizer = optimizer_factory(optimizer, lr, **optimizer_kwargs)
 
         self.zero: ZeroOptimizer | None = None
         if self.training.zero_stage in (1, 2):  # optimizer state (and gradients) sharded over dp

@@ -14,12 +14,12 @@ of every data-parallel replica, `micro_batch_size * dp` sequences. `train_step` 
 
 The loss: the model's forward(inputs..., targets) returns the mean loss. The nodes that read the targets
 (the loss tail) become the schedule's `loss_fn(output, target)` on the last stage, so targets never travel
-through the pipeline. Each micro-batch's loss is the mean over that micro-batch; the gradients, summed
-over the micro-batches, are divided by their number once after the schedule, so they equal the
-single-device gradients of the global-batch mean (train_step does this, not the schedule's
-`scale_grads`, which divides `p.grad`: ZeRO-2 has already moved that into its shard). `train_step`
-returns the mean of the micro-batch losses (equal sizes: the global mean), broadcast from the last stage
-to every rank.
+through the pipeline. Each micro-batch's loss is the mean over that micro-batch; `loss_fn` divides it
+by the number of micro-batches before backward, as CompiledModel's gradient accumulation does, so the
+accumulated gradients equal the single-device gradients of the global-batch mean. (Not the schedule's
+`scale_grads`: it divides `p.grad` afterwards, which ZeRO-2 has already moved into its shard.)
+`train_step` returns the sum of the scaled micro-batch losses, the global mean, broadcast from the last
+stage to every rank.
 
 ZeRO, recomputation and mixed precision work per stage as in CompiledModel: ZeRO-3 stores the parameters
 sharded over the operator mesh's dp axis (runtime/zero.py's plan rewrite, before codegen); ZeRO-1/2 step
@@ -72,7 +72,6 @@ class _Boundary:
 
     spec: tuple[Placement, ...]
     shape: torch.Size
-    dtype: torch.dtype
 
     def enter(self, local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
         stride = _contiguous(self.shape)
@@ -122,12 +121,20 @@ class _StageModule(nn.Module):
 
 
 class _LossFn:
-    """The loss tail as the schedule's `loss_fn(output, target)`: the scalar loss as a plain tensor."""
+    """The loss tail as the schedule's `loss_fn(output, target)`: the scalar loss divided by the number of
+    micro-batches, as a plain tensor."""
 
     def __init__(
-        self, piece: StageGraph, mesh: DeviceMesh, inputs: Sequence[_Boundary], target: tuple, precision: str
+        self,
+        piece: StageGraph,
+        mesh: DeviceMesh,
+        inputs: Sequence[_Boundary],
+        target: tuple,
+        precision: str,
+        num_micro_batches: int,
     ) -> None:
         self.piece, self.mesh, self.inputs, self.target, self.precision = piece, mesh, list(inputs), target, precision
+        self.num_micro_batches = num_micro_batches
 
     def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
         outputs = output if isinstance(output, (tuple, list)) else (output,)
@@ -137,7 +144,8 @@ class _LossFn:
             (loss,) = self.piece.graph_module(*args)
         if loss.numel() != 1:
             raise InputError(f"expected a scalar loss, found shape {tuple(loss.shape)}; the model must return the loss")
-        return loss.full_tensor() if isinstance(loss, DTensor) else loss
+        loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
+        return loss / self.num_micro_batches
 
 
 class PipelinedModel:
@@ -153,7 +161,7 @@ class PipelinedModel:
         lr: float = 1e-3,
         **optimizer_kwargs: Any,
     ) -> None:
-        from autoshard.runtime.compiled import _build_mesh, _owned_copy, _param_spec
+        from autoshard.runtime.compiled import _build_mesh, _owned_copy, _param_spec, optimizer_factory
 
         t = plan.training
         _check_plan(plan)
@@ -165,7 +173,7 @@ class PipelinedModel:
             op_plan, self.zero_unsharded = zero3_plan(op_plan, ir)
         elif t.zero_stage:
             check_zero_mesh(op_plan.mesh, t.zero_stage)
-        self.plan, self.operator_plan, self.ir, self.training = plan, op_plan, ir, t
+        self.plan, self.ir, self.training = plan, ir, t
         self.mesh = _build_mesh(plan)
         self.operator_mesh: DeviceMesh = self.mesh[tuple(plan.operator_mesh)]
         self.pp_group = self.mesh.get_group("pp")
@@ -179,14 +187,14 @@ class PipelinedModel:
         module_of = {info.name: info.module for info in ir.nodes}
         for sid in self.stage_ids:
             outline_blocks(self.split.stages[sid].graph_module, block_modes(t, t.stage_blocks(sid)), module_of)
-        plan = op_plan
 
         nodes = {n.name: n for n in self.graph_module.graph.nodes}
-        decisions = {d.node: d for d in plan.nodes}
+        decisions = {d.node: d for d in op_plan.nodes}
         canonical = {n: info.name for info in ir.params for n in info.nodes}
         self._names = {info.name: info.names for info in ir.params}
         placements = {
-            info.name: _param_spec(info.name, plan.params.get(info.name) or plan.replicated_spec()) for info in ir.params
+            info.name: _param_spec(info.name, op_plan.params.get(info.name) or op_plan.replicated_spec())
+            for info in ir.params
         }
         tensors = self._state_tensors(model, nodes, decisions)
         user_inputs = [s.arg.name for s in ir.exported.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
@@ -198,9 +206,9 @@ class PipelinedModel:
             val = node.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 raise InputError(f"value {name} crosses a stage boundary but is not a tensor ({type(val).__name__})")
-            produced = _produced(node, decisions, placements, canonical) or (Replicate(),) * len(plan.operator_mesh)
+            produced = _produced(node, decisions, placements, canonical) or (Replicate(),) * len(op_plan.mesh)
             spec = tuple(Replicate() if p.is_partial() else p for p in produced)
-            return _Boundary(spec, val.shape, val.dtype)
+            return _Boundary(spec, val.shape)
 
         # one copy of each parameter per stage that reads it; copies of a shared parameter are summed later
         self.stage_params: dict[int, dict[str, nn.Parameter]] = {}
@@ -222,7 +230,7 @@ class PipelinedModel:
                 params[name] = by_canonical[c]
             self.stage_params[sid] = by_canonical
             inputs = [
-                spec_from_str(_placement(decisions, n, plan)) if sid == 0 else boundary(n) for n in piece.inputs
+                spec_from_str(_placement(decisions, n, op_plan)) if sid == 0 else boundary(n) for n in piece.inputs
             ]
             outputs = [boundary(n) for n in piece.outputs]
             self.modules.append(_StageModule(piece, self.operator_mesh, params, tensors, inputs, outputs, t.precision))
@@ -239,25 +247,22 @@ class PipelinedModel:
         self._shapes = {info.name: (info.meta.shape, info.meta.dtype) for info in ir.params}
 
         loss_inputs = [boundary(n) for n in self.split.loss.inputs[:-1]]
-        target_spec = spec_from_str(_placement(decisions, self.split.target, plan))
-        self.loss_fn = _LossFn(self.split.loss, self.operator_mesh, loss_inputs, target_spec, t.precision)
+        target_spec = spec_from_str(_placement(decisions, self.split.target, op_plan))
+        self.loss_fn = _LossFn(
+            self.split.loss, self.operator_mesh, loss_inputs, target_spec, t.precision, t.num_micro_batches
+        )
         device = torch.device(self.mesh.device_type)
         self.stages = [
             PipelineStage(m, sid, len(t.stages), device, group=self.pp_group)
             for m, sid in zip(self.modules, self.stage_ids, strict=True)
         ]
-        # gradients are summed over micro-batches and divided by their number in train_step, not by the
-        # schedule: it divides `p.grad`, which ZeRO-2 has already moved into the dp shard
+        # loss_fn scales each micro-batch's loss; the schedule's scale_grads would divide `p.grad`, which
+        # ZeRO-2 has already moved into the dp shard
         schedule = _SCHEDULES[t.schedule]
         first = self.stages if t.schedule == "interleaved-1f1b" else self.stages[0]
         self.schedule = schedule(first, t.num_micro_batches, loss_fn=self.loss_fn, scale_grads=False)
 
-        if optimizer not in ("sgd", "adamw"):
-            raise InputError(f"expected optimizer 'sgd' or 'adamw', found {optimizer!r}")
-        optimizer_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
-
-        def make_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-            return optimizer_cls(params, lr=lr, **optimizer_kwargs)
+        make_optimizer = optimizer_factory(optimizer, lr, **optimizer_kwargs)
 
         # every copy of a parameter is stepped (the copies of a shared one take equal, summed gradients)
         copies = {f"stage{sid}/{c}": p for sid in self.stage_ids for c, p in self.stage_params[sid].items()}
@@ -287,15 +292,12 @@ class PipelinedModel:
             return_outputs=False,
         )
         for sid in self.stage_ids:
-            for c, p in self.stage_params[sid].items():
+            for p in self.stage_params[sid].values():
                 if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
                     p.grad = p.grad.redistribute(p.device_mesh, p.placements)
-                holder = self._grad_holder(sid, c)
-                if holder.grad is not None:  # the mean over micro-batches (each loss is a micro-batch mean)
-                    holder.grad.div_(self.training.num_micro_batches)
         self._sum_shared_gradients()
         self.optimizer.step()
-        loss = torch.stack([x.detach() for x in losses]).mean() if has_last else torch.zeros(())
+        loss = torch.stack([x.detach() for x in losses]).sum() if has_last else torch.zeros(())
         loss = loss.reshape(()).to(torch.float32).clone()
         src = dist.get_global_rank(self.pp_group, self.training.pp - 1)
         dist.broadcast(loss, src=src, group=self.pp_group)
