@@ -8,9 +8,8 @@ the loss of every step, the gradients after the first backward and the parameter
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from torch.distributed.tensor import Placement, Replicate, Shard
 import autoshard
 from autoshard.models import build
 from autoshard.runtime import CompiledModel, compile
+from autoshard.runtime.reference import single_device_run
 from pipeline_plans import TP_SPLITS as MEGATRON_SPLITS
 
 WORLD = 4
@@ -107,19 +107,8 @@ def forced(model_name: str, mesh: Mapping[str, int] | None) -> dict[str, tuple[P
 
 
 def reference_run(model: nn.Module, inputs: tuple, optimizer: str, lr: float):
-    model = copy.deepcopy(model)
-    opt_cls: Callable = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
-    opt = opt_cls(model.parameters(), lr=lr)
-    losses, first_grads = [], {}
-    for step in range(STEPS):
-        opt.zero_grad()
-        loss = model(*inputs)
-        loss.backward()
-        if step == 0:
-            first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        opt.step()
-        losses.append(loss.item())
-    return losses, first_grads, {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
+    """STEPS steps on the same inputs (autoshard.runtime.reference.single_device_run)."""
+    return single_device_run(model, [inputs] * STEPS, lr=lr, optimizer=optimizer)
 
 
 def distributed_run(compiled: CompiledModel, inputs: tuple):

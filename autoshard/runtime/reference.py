@@ -1,27 +1,49 @@
-"""The single-device oracle: what the model itself computes, trained with plain SGD on one device.
+"""The single-device oracle: what the model itself computes, trained on one device.
 
-Distributed runs are judged against it (the demo prints both, the benchmarks check their losses)."""
+Distributed runs are judged against it (the demo prints both, the benchmarks check their losses, the
+tests compare losses, gradients and parameters)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["single_device_losses"]
+__all__ = ["SingleDeviceRun", "single_device_losses", "single_device_run"]
+
+
+class SingleDeviceRun(NamedTuple):
+    losses: list[float]  # one per step
+    first_grads: dict[str, torch.Tensor]  # after the first backward, by parameter name
+    params: dict[str, torch.Tensor]  # after the last step, under every name (tied weights under each)
+
+
+def single_device_run(
+    model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], *, lr: float, optimizer: str = "sgd"
+) -> SingleDeviceRun:
+    """A copy of `model` trained with `optimizer` ("sgd" or "adamw") at `lr`, one step per batch; the
+    model's forward returns the loss."""
+    model = copy.deepcopy(model)
+    from autoshard.runtime.compiled import optimizer_factory  # the runtime's own choice of class
+
+    opt = optimizer_factory(optimizer, lr)(list(model.parameters()))
+    losses: list[float] = []
+    first_grads: dict[str, torch.Tensor] = {}
+    for step, batch in enumerate(batches):
+        opt.zero_grad()
+        loss = model(*batch)
+        loss.backward()
+        if step == 0:
+            first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        losses.append(loss.item())
+    params = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    return SingleDeviceRun(losses, first_grads, params)
 
 
 def single_device_losses(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], *, lr: float) -> list[float]:
     """Loss of each step when a copy of `model` is trained with SGD(lr) on `batches`, one per step."""
-    model = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    losses = []
-    for batch in batches:
-        opt.zero_grad()
-        loss = model(*batch)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return single_device_run(model, batches, lr=lr).losses

@@ -13,7 +13,6 @@ group serves every case.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import sys
@@ -30,6 +29,7 @@ from autoshard.errors import InputError  # noqa: E402
 from autoshard.ir.plan import Plan  # noqa: E402
 from autoshard.models import build  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
+from autoshard.runtime.reference import single_device_run  # noqa: E402
 from pipeline_plans import MatmulDtypes, SkipModel, pipelined_plan  # noqa: E402
 
 STEPS = 3
@@ -79,21 +79,6 @@ def make(preset: str, layers: int | None) -> tuple[nn.Module, list[tuple[torch.T
         vocab = model.config.vocab_size
     shape = (MICRO * N_MICRO, SEQ)
     return model, [(torch.randint(0, vocab, shape), torch.randint(0, vocab, shape)) for _ in range(STEPS)]
-
-
-def reference(model: nn.Module, batches: list) -> tuple[list[float], dict, dict]:
-    model = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses, grads = [], {}
-    for step, batch in enumerate(batches):
-        opt.zero_grad()
-        loss = model(*batch)
-        loss.backward()
-        if step == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        opt.step()
-        losses.append(loss.item())
-    return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def shared_plan(
@@ -278,7 +263,7 @@ def main(names: list[str]) -> None:
         for preset, layers, *_ in (CASES[n] for n in names if n in CASES):
             if (preset, layers) not in models:
                 model, batches = make(preset, layers)
-                models[(preset, layers)] = (model, batches, reference(model, batches))
+                models[(preset, layers)] = (model, batches, single_device_run(model, batches, lr=LR))
         if "bad-inputs" in names and ("gpt-tiny", None) not in models:
             model, batches = make("gpt-tiny", None)
             models[("gpt-tiny", None)] = (model, batches, None)

@@ -12,7 +12,6 @@ rank's result file); one process group serves every case, since starting ranks c
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import sys
@@ -31,6 +30,7 @@ import autoshard  # noqa: E402
 from autoshard.ir.plan import Plan, Training  # noqa: E402
 from autoshard.models import build  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
+from autoshard.runtime.reference import single_device_run  # noqa: E402
 from autoshard.runtime.zero import on_dp  # noqa: E402
 from autoshard.solver.blocks import fold_blocks  # noqa: E402
 from pipeline_plans import TP_SPLITS  # noqa: E402  (Megatron's column/row split per model family)
@@ -77,21 +77,6 @@ def make(model_name: str = "gpt-tiny") -> tuple[nn.Module, list[tuple[torch.Tens
     vocab = model.config.vocab_size
     batches = [(torch.randint(0, vocab, (4, 16)), torch.randint(0, vocab, (4, 16))) for _ in range(STEPS)]
     return model, batches
-
-
-def reference(model: nn.Module, batches: list) -> tuple[list[float], dict, dict]:
-    model = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses, grads = [], {}
-    for step, batch in enumerate(batches):
-        opt.zero_grad()
-        loss = model(*batch)
-        loss.backward()
-        if step == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        opt.step()
-        losses.append(loss.item())
-    return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def shared_plan(
@@ -181,7 +166,7 @@ def main(names: list[str]) -> None:
             if not cases:
                 continue
             model, batches = make(model_name)
-            ref = reference(model, batches)
+            ref = single_device_run(model, batches, lr=LR)
             results.update({case: check(case, model, batches, ref) for case in cases})
         session.result = results
 
