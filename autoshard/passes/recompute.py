@@ -59,10 +59,11 @@ def _selective_contexts() -> Any:
 
 @torch.fx.wrap
 def checkpoint_block(block: Callable[..., Any], mode: str, *inputs: Any, **kwargs: Any) -> Any:
-    """`block(*inputs, **kwargs)` with its activations recomputed in backward: mode "full" or "selective"."""
-    if mode not in ("full", "selective"):
-        raise InputError(f"expected recompute mode 'full' or 'selective', found {mode!r}")
-    if not torch.is_grad_enabled():
+    """`block(*inputs, **kwargs)` with its activations recomputed in backward: mode "full" or "selective";
+    "none" calls it plainly (a block outlined only to be its own module, for FSDP2: runtime/fsdp.py)."""
+    if mode not in ("none", "full", "selective"):
+        raise InputError(f"expected recompute mode 'none', 'full' or 'selective', found {mode!r}")
+    if mode == "none" or not torch.is_grad_enabled():
         return block(*inputs, **kwargs)
     context = {"context_fn": _selective_contexts} if mode == "selective" else {}
     return checkpoint(block, *inputs, use_reentrant=False, **context, **kwargs)
@@ -79,17 +80,15 @@ def outline_blocks(
     *,
     on_generate_code: Callable[[Graph], None] | None = None,
 ) -> list[str]:
-    """Outline every block whose recompute mode is not "none" and call it through `checkpoint_block`.
+    """Outline every block in `modes` and call it through `checkpoint_block`.
 
     `modes` maps block paths (`training.blocks`, or the blocks of one pipeline stage) to their recompute
-    mode (`block_modes`). `module_of` maps node names to module paths (the capture's, from the GraphIR).
+    mode (`block_modes`); a block given mode "none" is outlined and called plainly. `module_of` maps node names to module paths (the capture's, from the GraphIR).
     Returns the names of the submodules added. `on_generate_code(graph)` is applied to each outlined
     graph (the caller's comment writer).
     """
     added = []
     for block, mode in modes.items():
-        if mode == "none":
-            continue
         nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
         members = [k for k, n in enumerate(nodes) if in_block(module_of.get(n.name, ""), block)]
         if not members:
@@ -107,10 +106,12 @@ def outline_blocks(
     return added
 
 
-def block_modes(training: Training, blocks: Iterable[int] | None = None) -> dict[str, str]:
-    """{block path: recompute mode} for the blocks numbered `blocks` (default: all) that recompute."""
+def block_modes(training: Training, blocks: Iterable[int] | None = None, *, every: bool = False) -> dict[str, str]:
+    """{block path: recompute mode} for the blocks numbered `blocks` (default: all) that recompute, or
+    for all of them with `every` (then "none" where a block does not recompute)."""
     chosen = range(len(training.blocks)) if blocks is None else blocks
-    return {training.blocks[i]: training.recompute_of(i) for i in chosen if training.recompute_of(i) != "none"}
+    modes = {training.blocks[i]: training.recompute_of(i) for i in chosen}
+    return modes if every else {b: m for b, m in modes.items() if m != "none"}
 
 
 def _outline(

@@ -15,6 +15,7 @@ Inputs are the global batch, passed identically on every rank, and distributed p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.export.graph_signature import InputKind
 from torch.fx import GraphModule
@@ -37,7 +39,15 @@ from autoshard.passes.codegen import codegen, use_mesh
 from autoshard.runtime.materialize import materialize_shards
 from autoshard.runtime.precision import autocast
 from autoshard.runtime.micro_batches import first_micro_batch, split_micro_batches
-from autoshard.runtime.zero import ZeroOptimizer, check_zero_mesh, zero3_plan
+from autoshard.runtime.fsdp import (
+    ProgramScope,
+    check_zero_mesh,
+    full_value,
+    replicated_over_dp,
+    scoped_program,
+    set_gradient_sync,
+    shard_with_fsdp,
+)
 from autoshard.strategies.mesh import spec_from_str
 
 if TYPE_CHECKING:
@@ -149,22 +159,25 @@ class CompiledModel:
         seed: int | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
-        self.training = plan.training
-        self.zero_unsharded: tuple[str, ...] = ()  # parameters ZeRO could not shard (no dim dp divides)
-        if self.training.zero_stage == 3:  # parameters stored sharded over dp, gathered at use
-            plan, self.zero_unsharded = zero3_plan(plan, ir)
-        elif self.training.zero_stage:
-            check_zero_mesh(plan.mesh, self.training.zero_stage)
+        self.training = t = plan.training
         self.plan = plan
         self.ir = ir
         self.loss_fn = loss_fn
         self.mesh = _build_mesh(plan)
-        self.graph_module: GraphModule = codegen(ir, plan, device=self.mesh.device_type)
+        # ZeRO runs as FSDP2 (runtime/fsdp.py): the program takes parameters replicated over dp (FSDP
+        # stores the shards and gathers them), and recomputation is applied when the blocks are outlined
+        run_plan = plan
+        if t.zero_stage:
+            check_zero_mesh(plan.mesh, t.zero_stage)
+            if t.zero_stage == 3:
+                run_plan = replicated_over_dp(plan)
+            run_plan = dataclasses.replace(run_plan, training=dataclasses.replace(t, recompute=()))
+        self.graph_module: GraphModule = codegen(ir, run_plan, device=self.mesh.device_type)
         self._decisions = {d.node: d for d in plan.nodes}
         self._names: dict[str, tuple[str, ...]] = {}  # canonical parameter name -> every name (tied weights)
         self.parameters: dict[str, nn.Parameter] = {}
         specs = {
-            info.name: _param_spec(info.name, plan.params.get(info.name) or self._placement_of(info.nodes[0] if info.nodes else ""))
+            info.name: _param_spec(info.name, run_plan.params.get(info.name) or self._placement_of(info.nodes[0] if info.nodes else ""))
             for info in ir.params
         }
         if any(p.is_meta for p in model.parameters()):
@@ -184,15 +197,14 @@ class CompiledModel:
         self._signature = self._placeholder_sources(model, ir)
         make_optimizer = optimizer_factory(optimizer, lr, **optimizer_kwargs)
 
-        self.zero: ZeroOptimizer | None = None
-        if self.training.zero_stage in (1, 2):  # optimizer state (and gradients) sharded over dp
-            self.zero = ZeroOptimizer(
-                self.parameters, self.mesh, stage=self.training.zero_stage, make_optimizer=make_optimizer
-            )
-            self.zero_unsharded = self.zero.unsharded
-            self.optimizer: torch.optim.Optimizer | ZeroOptimizer = self.zero
-        else:
-            self.optimizer = make_optimizer(list(self.parameters.values()))
+        self.program: ProgramScope | None = None  # the program as FSDP2 modules, under ZeRO
+        self.fsdp: list[FSDPModule] = []
+        if t.zero_stage:
+            self.program = scoped_program(self.graph_module, ir, t, self.parameters)
+            self.fsdp = shard_with_fsdp(self.program, self.program.blocks(), self.mesh, t.zero_stage)
+            self.parameters = {c: self.program.parameter(c) for c in self.parameters}  # FSDP's shards
+        # under ZeRO the optimizer steps dp shards: its state is sharded with them
+        self.optimizer = make_optimizer(list(self.parameters.values()))
 
     # ---- running ------------------------------------------------------------------------------------
 
@@ -224,7 +236,9 @@ class CompiledModel:
         chunks = split_micro_batches(inputs, self.plan)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for chunk in chunks:  # gradient accumulation: one backward per micro-batch, one reduction per step
+        for k, chunk in enumerate(chunks):  # gradient accumulation: one backward per micro-batch
+            if self.training.zero_stage == 1:  # full gradients accumulate; reduce-scattered after the last
+                set_gradient_sync(self.fsdp, k == len(chunks) - 1)
             with phase("forward"), self._autocast():
                 outputs = self._run(chunk)
                 loss = self.loss_fn(*outputs) if self.loss_fn is not None else outputs[0]
@@ -247,13 +261,9 @@ class CompiledModel:
         return autocast(self.training.precision, self.mesh.device_type)
 
     def gradients(self) -> dict[str, DTensor]:
-        """Each parameter's gradient after the last backward, by canonical name. Under ZeRO the one the
-        optimizer used: a shard over dp for ZeRO-1/2 (ZeRO-2 keeps no other), the parameter's own for
-        parameters ZeRO left whole and for ZeRO-3 (whose parameters are shards)."""
-        grads = {n: p.grad for n, p in self.parameters.items() if p.grad is not None}
-        if self.zero is not None:
-            grads.update(self.zero.gradients())
-        return grads
+        """Each parameter's gradient after the last backward, by canonical name (under ZeRO, FSDP's dp
+        shard of it: the only one kept)."""
+        return {n: p.grad for n, p in self.parameters.items() if p.grad is not None}
 
     def _settle_gradients(self) -> None:
         """Bring each gradient to its parameter's placement (the dp gradient all-reduce, a local slice
@@ -269,16 +279,19 @@ class CompiledModel:
                 "pass the same arguments as the example inputs given to autoshard.compile"
             )
         by_name = dict(zip(self._user_inputs, inputs, strict=True))
-        args = []
+        values = {}
         for name, kind, source in self._signature:
             if kind == "parameter":
-                args.append(self.parameters[source])
+                values[name] = self.parameters[source]
             elif kind == "tensor":
-                args.append(self._distribute(name, source))
+                values[name] = self._distribute(name, source)
             else:
-                args.append(self._distribute(name, by_name[name]))
+                values[name] = self._distribute(name, by_name[name])
         with use_mesh(self.mesh):
-            out = self.graph_module(*args)
+            if self.program is not None:  # FSDP2 modules: they read their own parameters
+                out = self.program(values)
+            else:
+                out = self.graph_module(*values.values())
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     def _distribute(self, node: str, value: Any) -> Any:
@@ -290,8 +303,9 @@ class CompiledModel:
 
     @property
     def code(self) -> str:
-        """The generated program's Python source, with the collectives of each redistribution as comments."""
-        return self.graph_module.code
+        """The generated program's Python source, with the collectives of each redistribution as comments
+        (under ZeRO, each block's source follows the program's)."""
+        return self.program.code() if self.program is not None else self.graph_module.code
 
     def save_code(self, directory: str | Path) -> Path:
         """Write the generated source to `directory/<model>_<mesh>.py` and return the path."""
@@ -307,7 +321,7 @@ class CompiledModel:
         """Unsharded parameters under every name the model uses (tied weights appear under each)."""
         out: dict[str, torch.Tensor] = {}
         for canonical, p in self.parameters.items():
-            full = p.detach().full_tensor()
+            full = full_value(p.detach())
             for name in self._names[canonical]:
                 out[name] = full
         return out
@@ -351,7 +365,15 @@ def _build_mesh(plan: Plan) -> DeviceMesh:
             f"({math.prod(sizes)} devices), found world size {world}; launch {math.prod(sizes)} ranks "
             "or plan for this many devices"
         )
-    return init_device_mesh("cpu", sizes, mesh_dim_names=names)
+    # one DeviceMesh object per layout in a world: DTensor's caches hand back specs on the first mesh of
+    # a layout, and FSDP2 requires a parameter's mesh to be the very mesh it is given
+    key = (names, sizes, dist.get_backend(), id(dist.group.WORLD))
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh("cpu", sizes, mesh_dim_names=names)
+    return _MESHES[key]
+
+
+_MESHES: dict[tuple, DeviceMesh] = {}  # cleared by strategies._dtensor.reset_caches
 
 
 def _param_spec(name: str, placement: str) -> tuple:

@@ -121,6 +121,9 @@ def reset_caches() -> None:
     torch._C._clear_DTensor_sharding_propagator_cache()
     _redistribute._gen_transform_infos.cache_clear()
     getattr(_redistribute, "_planner_cache", {}).clear()
+    from autoshard.runtime import compiled
+
+    compiled._MESHES.clear()
 
 
 @functools.cache
