@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -129,3 +130,24 @@ class MatmulDtypes(TorchDispatchMode):
         if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
             self.dtypes.add(out.dtype)
         return out
+
+
+def zero_holdings(parameters: Mapping[str, nn.Parameter], stage: int) -> list[str]:
+    """What ZeRO promises each rank holds between steps: every parameter and its gradient as a dp shard,
+    at most 1/dp of the rank's share over the other axes (FSDP pads an uneven dim 0). The optimizer
+    steps these shards, so its state is sharded with them."""
+    if not stage:
+        return []
+    problems = []
+    for n, p in parameters.items():
+        dp_index = list(p.device_mesh.mesh_dim_names).index("dp")
+        dp = p.device_mesh.shape[dp_index]
+        # the rank's share over the other axes, then FSDP's dim-0 shard of it (padded up when uneven)
+        others = [q if i != dp_index else Replicate() for i, q in enumerate(p.placements)]
+        share = compute_local_shape_and_global_offset(p.shape, p.device_mesh, others)[0]
+        most = -(-share[0] // dp) * math.prod(share[1:])
+        if isinstance(p.placements[dp_index], Replicate) or p.to_local().numel() > most:
+            problems.append(f"ZeRO-{stage}: {n} is not held as a dp shard ({p.placements}, {p.to_local().numel()} > {most})")
+        if p.grad is not None and p.grad.to_local().numel() != p.to_local().numel():
+            problems.append(f"ZeRO-{stage}: the gradient of {n} is not a dp shard")
+    return problems

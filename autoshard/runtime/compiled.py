@@ -373,6 +373,14 @@ def _build_mesh(plan: Plan) -> DeviceMesh:
     return _MESHES[key]
 
 
+def _submesh(mesh: DeviceMesh, names: tuple[str, ...]) -> DeviceMesh:
+    """`mesh[names]`, one object per (mesh, names), for the same reason as `_build_mesh`."""
+    key = (id(mesh), names)
+    if key not in _MESHES:
+        _MESHES[key] = mesh[names]
+    return _MESHES[key]
+
+
 _MESHES: dict[tuple, DeviceMesh] = {}  # cleared by strategies._dtensor.reset_caches
 
 

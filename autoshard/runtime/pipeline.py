@@ -21,11 +21,13 @@ accumulated gradients equal the single-device gradients of the global-batch mean
 `train_step` returns the sum of the scaled micro-batch losses, the global mean, broadcast from the last
 stage to every rank.
 
-ZeRO, recomputation and mixed precision work per stage as in CompiledModel: ZeRO-3 stores the parameters
-sharded over the operator mesh's dp axis (runtime/zero.py's plan rewrite, before codegen); ZeRO-1/2 step
-dp shards of every copy of every parameter this rank holds (ZeroOptimizer); a recomputed block is outlined
-into its stage's graph after the cut (passes/recompute.py); bf16-mixed runs each stage's forward and the
-loss under autocast, and what crosses a stage boundary keeps the dtype autocast gave it.
+ZeRO, recomputation and mixed precision work per stage as in CompiledModel: under ZeRO each stage's
+blocks and the stage module are FSDP2 groups over the operator mesh's dp axis (runtime/fsdp.py), which
+torch's pipelining drives itself: gradients accumulate unsharded over the micro-batches and are
+reduce-scattered once after the last (so ZeRO-2 acts as ZeRO-1 here, and ZeRO-3 keeps a stage's
+parameters gathered across its micro-batches' backward); a recomputed block is outlined into its stage's
+graph after the cut (passes/recompute.py); bf16-mixed runs each stage's forward and the loss under
+autocast, and what crosses a stage boundary keeps the dtype autocast gave it.
 
 Shared parameters: a parameter read by two stages (GPT's tied wte / lm_head) gets a copy on each. After
 backward the copies' gradients are summed (over the pp axis; Megatron's embedding all-reduce), so every
@@ -58,7 +60,7 @@ from autoshard.passes.recompute import block_modes, outline_blocks
 from autoshard.passes.stages import StageGraph, StageSplit, split_stages
 from autoshard.runtime.micro_batches import first_micro_batch
 from autoshard.runtime.precision import autocast
-from autoshard.runtime.zero import ZeroOptimizer, check_zero_mesh, master_spec, zero3_plan
+from autoshard.runtime.fsdp import ProgramScope, check_zero_mesh, full_value, replicated_over_dp, scoped_program, shard_with_fsdp
 from autoshard.strategies.mesh import spec_from_str
 
 __all__ = ["PipelinedModel", "first_micro_batch"]
@@ -97,15 +99,20 @@ class _StageModule(nn.Module):
         inputs: Sequence[_Boundary | tuple[Placement, ...]],
         outputs: Sequence[_Boundary],
         precision: str,
+        scope: ProgramScope | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = piece.graph_module
         self.mesh = mesh
         self.precision = precision
-        for name in piece.state:
-            if name in params:
-                self.register_parameter(name, params[name])
+        self.scope = scope  # under ZeRO: the stage's program as FSDP2 modules, owning its parameters
+        if scope is None:
+            for name in piece.state:
+                if name in params:
+                    self.register_parameter(name, params[name])
         self._state = [params[n] if n in params else tensors[n] for n in piece.state]  # graph order
+        self._tensors = {n: tensors[n] for n in piece.state if n not in params}
+        self._input_names = piece.inputs
         self._inputs = list(inputs)
         self._outputs = list(outputs)
 
@@ -115,7 +122,10 @@ class _StageModule(nn.Module):
             for b, v in zip(self._inputs, values, strict=True)
         ]
         with use_mesh(self.mesh), autocast(self.precision, self.mesh.device_type):
-            out = self.graph_module(*self._state, *args)
+            if self.scope is not None:
+                out = self.scope({**self._tensors, **dict(zip(self._input_names, args, strict=True))})
+            else:
+                out = self.graph_module(*self._state, *args)
         locals_ = tuple(b.leave(v, self.mesh) for b, v in zip(self._outputs, out, strict=True))
         return locals_[0] if len(locals_) == 1 else locals_
 
@@ -161,21 +171,20 @@ class PipelinedModel:
         lr: float = 1e-3,
         **optimizer_kwargs: Any,
     ) -> None:
-        from autoshard.runtime.compiled import _build_mesh, _owned_copy, _param_spec, optimizer_factory
+        from autoshard.runtime.compiled import _build_mesh, _owned_copy, _param_spec, _submesh, optimizer_factory
 
         t = plan.training
         _check_plan(plan)
         # the operator plan every stage runs on the (dp, tp ...) sub-mesh; ZeRO-3 stores parameters
         # sharded over its dp axis (gathered at use), ZeRO-1/2 shard the optimizer below
         op_plan = dataclasses.replace(plan, mesh=plan.operator_mesh)
-        self.zero_unsharded: tuple[str, ...] = ()  # parameters ZeRO could not shard (no dim dp divides)
-        if t.zero_stage == 3:
-            op_plan, self.zero_unsharded = zero3_plan(op_plan, ir)
-        elif t.zero_stage:
+        if t.zero_stage:  # FSDP2 on each stage (runtime/fsdp.py): the program takes parameters replicated over dp
             check_zero_mesh(op_plan.mesh, t.zero_stage)
+            if t.zero_stage == 3:
+                op_plan = replicated_over_dp(op_plan)
         self.plan, self.ir, self.training = plan, ir, t
         self.mesh = _build_mesh(plan)
-        self.operator_mesh: DeviceMesh = self.mesh[tuple(plan.operator_mesh)]
+        self.operator_mesh: DeviceMesh = _submesh(self.mesh, tuple(plan.operator_mesh))
         self.pp_group = self.mesh.get_group("pp")
         self.pp_rank = self.mesh.get_local_rank("pp")
         # recomputation is applied per stage, after the cut: a checkpointed block is one call node that
@@ -185,8 +194,9 @@ class PipelinedModel:
         self.split: StageSplit = split_stages(self.graph_module, ir, t)
         self.stage_ids = tuple(range(self.pp_rank, len(t.stages), t.pp))
         module_of = {info.name: info.module for info in ir.nodes}
-        for sid in self.stage_ids:
-            outline_blocks(self.split.stages[sid].graph_module, block_modes(t, t.stage_blocks(sid)), module_of)
+        if not t.zero_stage:  # under ZeRO, scoped_program outlines every block below
+            for sid in self.stage_ids:
+                outline_blocks(self.split.stages[sid].graph_module, block_modes(t, t.stage_blocks(sid)), module_of)
 
         nodes = {n.name: n for n in self.graph_module.graph.nodes}
         decisions = {d.node: d for d in op_plan.nodes}
@@ -233,7 +243,14 @@ class PipelinedModel:
                 spec_from_str(_placement(decisions, n, op_plan)) if sid == 0 else boundary(n) for n in piece.inputs
             ]
             outputs = [boundary(n) for n in piece.outputs]
-            self.modules.append(_StageModule(piece, self.operator_mesh, params, tensors, inputs, outputs, t.precision))
+            scope = None
+            if t.zero_stage:
+                scope = scoped_program(piece.graph_module, ir, t, by_canonical, t.stage_blocks(sid))
+            module = _StageModule(piece, self.operator_mesh, params, tensors, inputs, outputs, t.precision, scope)
+            if scope is not None:  # each block, then the stage: FSDP groups; the stage is what pipelining sees
+                shard_with_fsdp(module, scope.blocks(), self.operator_mesh, t.zero_stage)
+                self.stage_params[sid] = {c: scope.parameter(c) for c in by_canonical}
+            self.modules.append(module)
         self.parameters: dict[str, nn.Parameter] = {}
         for sid in self.stage_ids:
             for c, p in self.stage_params[sid].items():
@@ -264,15 +281,10 @@ class PipelinedModel:
 
         make_optimizer = optimizer_factory(optimizer, lr, **optimizer_kwargs)
 
-        # every copy of a parameter is stepped (the copies of a shared one take equal, summed gradients)
-        copies = {f"stage{sid}/{c}": p for sid in self.stage_ids for c, p in self.stage_params[sid].items()}
-        self.zero: ZeroOptimizer | None = None
-        if t.zero_stage in (1, 2):
-            self.zero = ZeroOptimizer(copies, self.operator_mesh, stage=t.zero_stage, make_optimizer=make_optimizer)
-            self.zero_unsharded = self.zero.unsharded
-            self.optimizer: torch.optim.Optimizer | ZeroOptimizer = self.zero
-        else:
-            self.optimizer = make_optimizer(list(copies.values()))
+        # every copy of a parameter is stepped (the copies of a shared one take equal, summed gradients);
+        # under ZeRO the copies are FSDP's dp shards, so the optimizer state is sharded with them
+        self.optimizer = make_optimizer([p for sid in self.stage_ids for p in self.stage_params[sid].values()])
+        self._shared_shapes = self._exchange_shared_shapes()
 
     # ---- running ------------------------------------------------------------------------------------
 
@@ -326,33 +338,29 @@ class PipelinedModel:
         args = [by_name[n] for n in self.split.stages[0].inputs]
         return args, target
 
-    def _grad_holder(self, sid: int, c: str) -> nn.Parameter:
-        """The tensor whose `.grad` the optimizer reads for stage `sid`'s copy of `c`: the parameter, or
-        under ZeRO-2 its master shard (the full gradient was reduce-scattered into it and dropped)."""
-        if self.zero is not None and self.zero.stage == 2:
-            shard = self.zero.shards.get(f"stage{sid}/{c}")
-            if shard is not None:
-                return shard.master
-        return self.stage_params[sid][c]
-
-    def _holder_local_shape(self, c: str) -> tuple[int, ...]:
-        """This rank's shape of `_grad_holder`'s tensor for `c`, for a rank that holds no copy of it."""
-        shape, _ = self._shapes[c]
-        spec = self._placements[c]
-        if self.zero is not None and self.zero.stage == 2:
-            spec = master_spec(shape, spec, self.operator_mesh) or spec
-        return _local_shape(shape, self.operator_mesh, spec)
+    def _exchange_shared_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The local shape of each shared parameter's gradient (FSDP's shard under ZeRO), from the pp ranks
+        that hold a copy, for the ranks that hold none (they add zeros to the sum)."""
+        mine = {
+            c: tuple(self.stage_params[sid][c].to_local().shape)
+            for sid in self.stage_ids
+            for c in self._shared
+            if c in self.stage_params[sid]
+        }
+        every: list[Any] = [None] * self.training.pp
+        dist.all_gather_object(every, mine, group=self.pp_group)
+        return {c: shape for part in every for c, shape in part.items()}
 
     def _sum_shared_gradients(self) -> None:
         """Sum the gradients of a parameter's copies on every stage that reads it (over the pp axis)."""
         for c in self._shared:
-            holders = [self._grad_holder(sid, c) for sid in self.stage_ids if c in self.stage_params[sid]]
+            holders = [self.stage_params[sid][c] for sid in self.stage_ids if c in self.stage_params[sid]]
             if holders and not holders[0].requires_grad:
                 continue
             if holders:
                 total = torch.zeros_like(holders[0].detach().to_local())
             else:  # this pp rank holds no copy; it still takes part in the reduction, with zeros
-                total = torch.zeros(self._holder_local_shape(c), dtype=self._shapes[c][1])
+                total = torch.zeros(self._shared_shapes[c], dtype=self._shapes[c][1])
             for h in holders:
                 if h.grad is not None:
                     total += h.grad.to_local()
@@ -369,8 +377,8 @@ class PipelinedModel:
         it after the last step (as CompiledModel.gradients: under ZeRO-2 the dp shard, the only one kept)."""
         out: dict[str, DTensor] = {}
         for sid in self.stage_ids:
-            for c in self.stage_params[sid]:
-                grad = self._grad_holder(sid, c).grad
+            for c, p in self.stage_params[sid].items():
+                grad = p.grad
                 if c not in out and grad is not None:
                     out[c] = grad
         return out
@@ -382,7 +390,7 @@ class PipelinedModel:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every stage's parameters, unsharded, under every name the model uses, on every rank (collective)."""
-        mine = {c: p.detach().full_tensor() for c, p in sorted(self.parameters.items())}
+        mine = {c: full_value(p.detach()) for c, p in sorted(self.parameters.items())}
         gathered: list[Any] = [None] * self.training.pp
         dist.all_gather_object(gathered, mine, group=self.pp_group)
         out: dict[str, torch.Tensor] = {}
@@ -456,13 +464,6 @@ def _produced(
     if d is not None and len(d.output) == 1 and d.output[0] is not None:
         return spec_from_str(d.output[0])
     return None
-
-
-def _local_shape(shape: Sequence[int], mesh: DeviceMesh, spec: Sequence[Placement]) -> tuple[int, ...]:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local, _ = compute_local_shape_and_global_offset(torch.Size(shape), mesh, list(spec))
-    return tuple(local)
 
 
 def _is_tensor(node: Node) -> bool:

@@ -34,7 +34,7 @@ from autoshard.runtime.fsdp import full_value  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
 from autoshard.runtime.reference import single_device_run  # noqa: E402
 from autoshard.solver.blocks import fold_blocks  # noqa: E402
-from pipeline_plans import TP_SPLITS  # noqa: E402  (Megatron's column/row split per model family)
+from pipeline_plans import TP_SPLITS, zero_holdings  # noqa: E402  (Megatron's column/row split per model family)
 
 STEPS = 3
 LR = 0.1
@@ -134,7 +134,7 @@ def check(case: str, model: nn.Module, batches: list, ref: tuple) -> dict:
     if set(grads) != set(compiled.parameters):
         problems.append(f"gradients missing: {sorted(set(compiled.parameters) - set(grads))}")
     stage = plan.training.zero_stage
-    problems += zero_holdings(compiled, stage)
+    problems += zero_holdings(compiled.parameters, stage)
     if any(m != "none" for m in plan.training.recompute) and "checkpoint_block(" not in compiled.code:
         problems.append("the recompute plan's code calls no checkpoint_block")
     return {
@@ -148,27 +148,6 @@ def check(case: str, model: nn.Module, batches: list, ref: tuple) -> dict:
         "sharded_params": len(sharded),
         "zero_stage": stage,
     }
-
-
-def zero_holdings(compiled, stage: int) -> list[str]:
-    """What ZeRO promises each rank holds between steps: every parameter, its gradient and its optimizer
-    state as a dp shard (about 1/dp of the rank's share, FSDP pads an uneven dim); ZeRO-3 also frees a
-    block's gathered parameters after its forward, ZeRO-1/2 keep them for backward."""
-    if not stage:
-        return []
-    problems = []
-    dp_index = list(compiled.mesh.mesh_dim_names).index("dp")
-    dp = compiled.mesh.shape[dp_index]
-    for n, p in compiled.parameters.items():
-        # the rank's share over the other axes, then FSDP's dim-0 shard of it (padded up when uneven)
-        others = [q if i != dp_index else Replicate() for i, q in enumerate(p.placements)]
-        share = compute_local_shape_and_global_offset(p.shape, p.device_mesh, others)[0]
-        most = -(-share[0] // dp) * math.prod(share[1:])
-        if isinstance(p.placements[dp_index], Replicate) or p.to_local().numel() > most:
-            problems.append(f"ZeRO-{stage}: {n} is not held as a dp shard ({p.placements}, {p.to_local().numel()} > {most})")
-        if p.grad is not None and p.grad.to_local().numel() != p.to_local().numel():
-            problems.append(f"ZeRO-{stage}: the gradient of {n} is not a dp shard")
-    return problems
 
 
 def main(names: list[str]) -> None:
