@@ -165,11 +165,12 @@ class ProgramScope(nn.Module):
         return [m for m in self.program.children() if isinstance(m, BlockScope)]
 
     def code(self) -> str:
-        """The program's source, then each block's."""
+        """The program's source, then each block's body under a header saying how the block runs it."""
         parts = [self.program.code]
         for name, m in self.program.named_children():
             if isinstance(m, BlockScope):
-                parts.append(f"# ---- block {name} ({m.mode} recompute) ----\n{m.body.code}")
+                runs = f"checkpoint_block({name}.body, {m.mode!r}, ...)" if m.mode != "none" else f"{name}.body(...)"
+                parts.append(f"# ---- {name}: one FSDP group; forward = {runs} ----\n{m.body.code}")
         return "\n".join(parts)
 
 
@@ -261,8 +262,9 @@ def shard_with_fsdp(root: nn.Module, blocks: Sequence[nn.Module], mesh: DeviceMe
         "reshard_after_forward": stage == 3,
         "ignored_params": ignored,
     }
-    for scope in (*blocks, root):  # FSDP's gradients: partial over dp (_PartialOverDp)
-        scope.dp_index = dp_index
+    for scope in root.modules():  # FSDP's gradients: partial over dp (_PartialOverDp)
+        if isinstance(scope, (BlockScope, ProgramScope)):
+            scope.dp_index = dp_index
     modules = [fully_shard(b, **options) for b in blocks]
     modules.append(fully_shard(root, **options))
     for m in modules:

@@ -386,7 +386,10 @@ class PipelinedModel:
     @property
     def code(self) -> str:
         """Each of this rank's stages' generated source, under a header naming the stage."""
-        return "\n".join(f"# ---- stage {sid} ----\n{m.graph_module.code}" for sid, m in zip(self.stage_ids, self.modules, strict=True))
+        return "\n".join(
+            f"# ---- stage {sid} ----\n{m.scope.code() if m.scope is not None else m.graph_module.code}"
+            for sid, m in zip(self.stage_ids, self.modules, strict=True)
+        )
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every stage's parameters, unsharded, under every name the model uses, on every rank (collective)."""
