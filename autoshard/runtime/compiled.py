@@ -41,11 +41,11 @@ from autoshard.runtime.precision import autocast
 from autoshard.runtime.micro_batches import first_micro_batch, split_micro_batches
 from autoshard.runtime.fsdp import (
     ProgramScope,
+    before_micro_batch,
     check_zero_mesh,
     full_value,
     replicated_over_dp,
     scoped_program,
-    set_gradient_sync,
     shard_with_fsdp,
 )
 from autoshard.strategies.mesh import spec_from_str
@@ -237,8 +237,8 @@ class CompiledModel:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for k, chunk in enumerate(chunks):  # gradient accumulation: one backward per micro-batch
-            if self.training.zero_stage == 1:  # full gradients accumulate; reduce-scattered after the last
-                set_gradient_sync(self.fsdp, k == len(chunks) - 1)
+            if self.fsdp:  # when FSDP gathers, frees and reduce-scatters (ZeRO's stage)
+                before_micro_batch(self.fsdp, self.training.zero_stage, last=k == len(chunks) - 1)
             with phase("forward"), self._autocast():
                 outputs = self._run(chunk)
                 loss = self.loss_fn(*outputs) if self.loss_fn is not None else outputs[0]

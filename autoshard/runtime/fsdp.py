@@ -7,9 +7,11 @@ reduce-scatters its gradient, which the generated backward leaves Partial over d
 optimizer then steps the shards, so its state is sharded too. ZeRO's stages (Rajbhandari et al. 2020)
 map onto FSDP2's settings:
 
-- 1, optimizer state: parameters stay gathered from forward to backward (`reshard_after_forward=False`)
-  and, over micro-batches, full gradients accumulate: the reduce-scatter runs after the last one.
-- 2, + gradients: as 1, but each micro-batch's gradient is reduce-scattered at once.
+- 1, optimizer state: parameters stay gathered from the first forward to the last backward of a step
+  (`reshard_after_forward=False`, no reshard after a micro-batch's backward but the last) and full
+  gradients accumulate over the micro-batches: the reduce-scatter runs after the last one.
+- 2, + gradients: as 1, but each micro-batch's gradient is reduce-scattered at once
+  (`before_micro_batch`).
 - 3, + parameters: `reshard_after_forward=True`: a block's parameters are gathered for its forward,
   freed, and gathered again for its backward.
 
@@ -22,6 +24,11 @@ FSDP group: one all-gather and one reduce-scatter per block, as FSDP is used on 
 Two settings differ from FSDP's defaults, both for exactness: the generated backward's gradients are
 partial *sums* over the dp replicas (the loss is the global mean, not a per-replica mean), so FSDP must
 sum, not average (divide factor 1); and gloo has no PREMUL_SUM, so the sum is a plain SUM.
+
+Under torch's pipelining the schedule drives FSDP itself (PipelineStage): no gradient sync and no
+resharding after any micro-batch's backward but the last, then one reduce-scatter. So with pp > 1
+gradients accumulate unsharded whatever the stage, and ZeRO-3 keeps a stage's parameters gathered from
+its first backward on (solver/training.py prices it so).
 
 A parameter the plan itself shards over dp (not Replicate on dp) is the plan's business: FSDP ignores it
 and its gradient settles to its placement as without ZeRO.
@@ -52,11 +59,11 @@ __all__ = [
     "DP_AXIS",
     "BlockScope",
     "ProgramScope",
+    "before_micro_batch",
     "check_zero_mesh",
     "full_value",
     "replicated_over_dp",
     "scoped_program",
-    "set_gradient_sync",
     "shard_with_fsdp",
 ]
 
@@ -305,9 +312,15 @@ def _dp_shape(t: DTensor, dp_index: int) -> torch.Size:
     return torch.Size(shape)
 
 
-def set_gradient_sync(modules: Sequence[FSDPModule], sync: bool) -> None:
-    """Whether the next backward reduce-scatters (ZeRO-1 accumulates full gradients until the last
-    micro-batch)."""
-    for m in modules:
-        m.set_requires_gradient_sync(sync, recurse=False)
+def before_micro_batch(modules: Sequence[FSDPModule], stage: int, last: bool) -> None:
+    """Set FSDP for the next micro-batch's backward under ZeRO `stage` (gradient accumulation).
 
+    ZeRO-1 and 2 keep parameters gathered until the last micro-batch's backward (they are replicated in
+    ZeRO's terms; re-gathering them per micro-batch would only cost communication). ZeRO-1 accumulates
+    full gradients and reduce-scatters once, after the last; ZeRO-2 reduce-scatters every micro-batch's
+    gradient at once and keeps only the shard. ZeRO-3 gathers and frees per use (FSDP's default)."""
+    for m in modules:
+        if stage in (1, 2):
+            m.set_reshard_after_backward(last, recurse=False)
+        if stage == 1:
+            m.set_requires_gradient_sync(last, recurse=False)

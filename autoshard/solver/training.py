@@ -12,11 +12,17 @@ tensor-parallel mesh. This module reads that plan as a chain of units -- what pr
 - Activations in flight on pp rank r: GPipe all `m` micro-batches; 1F1B `min(m, pp - r)`; interleaved 1F1B
   `2 (pp - r - 1) + (v - 1) pp + 1` chunk passes of 1/v of the rank's activations each (Megatron-LM's
   warm-up count plus the one in flight), at most `m v`.
-- ZeRO over dp (Rajbhandari et al. 2020): stage 1 shards optimizer state, 2 also gradients, 3 also
-  parameters. Communication per step: stages 0 and 1 one all-reduce of the gradients (stage 1 as
-  reduce-scatter plus all-gather: the same bytes); 2 a reduce-scatter per micro-batch (gradients accumulate
-  sharded) and one all-gather of the updated parameters; 3 per micro-batch an all-gather of the parameters
-  in forward and again in backward and a reduce-scatter of their gradients. These dp collectives run
+- ZeRO over dp (Rajbhandari et al. 2020), as the runtime runs it with FSDP2 (runtime/fsdp.py): stage 1
+  shards optimizer state, 2 also gradients, 3 also parameters. Communication per step: stages 0 and 1 one
+  all-reduce of the gradients (stage 1 as one all-gather of the parameters plus one reduce-scatter of the
+  gradients: the same bytes); 2 a reduce-scatter per micro-batch (gradients accumulate sharded) and one
+  all-gather; 3 per micro-batch an all-gather of the parameters in forward and again in backward (fp32:
+  FSDP gathers the master shards, autocast casts after) and a reduce-scatter of their gradients.
+  Under pipelining torch's schedule drives FSDP itself: no gradient sync and no resharding after any
+  micro-batch's backward but the last. So with pp > 1 gradients accumulate unsharded (stage 2 holds and
+  sends what stage 1 does), the reduce-scatter runs once per step, and stage 3 keeps a stage's
+  parameters gathered from its first backward on (it saves no peak memory, and still gathers in every
+  forward and backward). These dp collectives run
   bucketed under compute, as DDP, FSDP and Megatron-LM's distributed optimizer do (Li et al. 2020): the
   gradient reduction under the last micro-batch's backward, ZeRO-3's gathers and reduce-scatter under
   their micro-batch's forward and backward; only what exceeds that compute is counted. Nothing else
@@ -326,11 +332,11 @@ def estimate_step(
         if pp > 1 and r == (len(stages) - 1) % pp and r != 0:
             elements += chain.shared_params  # the last stage's copy of a tied embedding
         largest = max((u.param_elements for u, _ in units), default=0.0)
-        if zero_stage == 3:
-            params = elements * p_b / dp + 2 * largest * (w_b or p_b)  # shards + this and the next unit gathered
-        else:
+        if zero_stage == 3 and pp == 1:  # shards + this and the next unit gathered (and autocast's copies)
+            params = elements * p_b / dp + 2 * largest * (p_b + w_b)
+        else:  # under pp, ZeRO-3's gathered parameters stay until the step's last backward
             params = elements * (p_b + w_b)
-        grads = elements * p_b / (dp if zero_stage >= 2 else 1)
+        grads = elements * p_b / (dp if zero_stage >= 2 and pp == 1 else 1)
         states = elements * o_b / (dp if zero_stage >= 1 else 1)
         kept = sum(u.activations(mode) for u, mode in units)
         memory.append(training_memory(
@@ -344,14 +350,17 @@ def estimate_step(
         backward = sum(u.compute_s for u, _ in units) * 2 / 3  # one micro-batch's backward compute
         if dp == 1:
             dp_s = 0.0
-        elif zero_stage <= 1:  # bucketed all-reduce, overlapping the last micro-batch's backward
+        elif zero_stage <= 1 or (zero_stage == 2 and pp > 1):  # one all-reduce's bytes, under the last backward
             dp_s = _exposed(collective_time(Collective.ALL_REDUCE, int(g_bytes), dp_link), backward)
         elif zero_stage == 2:  # a reduce-scatter under each micro-batch's backward, one all-gather after
             dp_s = m * _exposed(_rs(g_bytes, dp_link), backward) + _ag(elements * p_b, dp_link)
-        else:  # per unit (block) one gather under forward, one gather and one reduce-scatter under backward
-            gather = _ag(elements * (w_b or p_b), dp_link) + len(units) * latency
+        else:  # per unit (block) one gather under forward, one gather (and pp = 1: a reduce-scatter) under backward
+            gather = _ag(elements * p_b, dp_link) + len(units) * latency
             scatter = _rs(g_bytes, dp_link) + len(units) * latency
-            dp_s = m * (_exposed(gather, backward / 2) + _exposed(gather + scatter, backward))
+            if pp == 1:
+                dp_s = m * (_exposed(gather, backward / 2) + _exposed(gather + scatter, backward))
+            else:  # the reduce-scatter once, after the last micro-batch
+                dp_s = m * (_exposed(gather, backward / 2) + _exposed(gather, backward)) + _exposed(scatter, backward)
         sync.append(dp_s + sum(u.sync_s for u, _ in units))
         optimizer.append(sum(u.optimizer_s for u, _ in units) / (dp if zero_stage >= 1 else 1))
 

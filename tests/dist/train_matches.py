@@ -1,10 +1,11 @@
 """Run under torchrun (4 gloo ranks): autoshard plans trained as real processes match one device.
 
 Usage: python -m torch.distributed.run --nnodes 1 --nproc-per-node 4 --master-addr 127.0.0.1 \
-           --master-port PORT tests/dist/train_matches.py dp tp dp2xtp2 llama-tiny/dp2xtp2-zero1 dp-zero2 tp-recompute
+           --master-port PORT tests/dist/train_matches.py dp tp dp2xtp2 llama-tiny/dp2xtp2-zero1 dp2xtp2-zero1-accumulate tp-recompute
 
-Every rank builds gpt-tiny from the same seed, trains it on one device itself (the reference: same
-batches, same SGD), then, for each named mesh, trains a compiled copy for 3 steps and compares the loss
+Every rank builds gpt-tiny (or llama-tiny) from the same seed, trains it on one device itself (the
+reference: same batches, same optimizer), then, for each named case (`CASES`: a mesh, ZeRO stage,
+recomputation, micro-batches, optimizer), trains a compiled copy for 3 steps and compares the loss
 of every step, the gradients after the first backward and the parameters after the last step at fp32
 tight tolerance. The verdict goes into `session.result` (autoshard.runtime.launch writes it to the
 rank's result file); one process group serves every case, since starting ranks costs seconds.
@@ -16,6 +17,7 @@ import dataclasses
 import math
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,68 +34,103 @@ from autoshard.ir.plan import Plan, Training  # noqa: E402
 from autoshard.models import build  # noqa: E402
 from autoshard.runtime.fsdp import full_value  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
-from autoshard.runtime.reference import single_device_run  # noqa: E402
+from autoshard.runtime.reference import SingleDeviceRun, single_device_run  # noqa: E402
 from autoshard.solver.blocks import fold_blocks  # noqa: E402
 from pipeline_plans import TP_SPLITS, zero_holdings  # noqa: E402  (Megatron's column/row split per model family)
 
 STEPS = 3
-LR = 0.1
+LR = {"sgd": 0.1, "adamw": 1e-2}  # AdamW's steps are ~lr each: 1e-2 moves every weight well beyond the tolerance
 RTOL = ATOL = 1e-5
+# AdamW's parameters: the key bias's gradient is zero in exact arithmetic (softmax ignores a constant added
+# to all of a query's scores), so it is rounding noise (~1e-11 on gpt-tiny), different on one device and
+# on 4 ranks; AdamW divides it by eps = 1e-8 and moves those entries by up to ~1e-3 lr per step. Measured
+# after 3 steps at lr 1e-2: 7.6e-5, on entries 64..127 of c_attn.bias (the key third) only. A lost or
+# doubled gradient moves a weight by ~lr = 1e-2 under Adam, and the gradients are checked at 1e-5 anyway.
+ADAMW_PARAM_ATOL = 1e-4
 
-MESHES: dict[str, dict[str, int]] = {
-    "dp": {"dp": 4},
-    "tp": {"tp": 4},
-    "dp2xtp2": {"dp": 2, "tp": 2},
-    "dp-zero2": {"dp": 4},
-    "dp2xtp2-zero1": {"dp": 2, "tp": 2},
-    "dp2xtp2-zero2": {"dp": 2, "tp": 2},
-    "dp2xtp2-zero3": {"dp": 2, "tp": 2},
-    "tp-recompute": {"tp": 4},
-    "dp2xtp2-recompute": {"dp": 2, "tp": 2},
-}
-# Plan.training per case (blocks filled from the model): ZeRO over dp, recomputation per block
-# (two blocks: one selective, one full)
-TRAINING: dict[str, dict] = {
-    "dp-zero2": {"zero_stage": 2},
-    "dp2xtp2-zero1": {"zero_stage": 1},
-    "dp2xtp2-zero2": {"zero_stage": 2},
-    "dp2xtp2-zero3": {"zero_stage": 3},
-    "tp-recompute": {"recompute": ("selective", "full")},
-    "dp2xtp2-recompute": {"recompute": ("full", "selective")},
-}
-MODELS = ("gpt-tiny", "llama-tiny")  # a case "llama-tiny/dp2xtp2-zero1" runs that model; plain names gpt-tiny
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One plan to train: the mesh, Plan.training beyond the blocks (ZeRO, recomputation per block,
+    micro-batches), the optimizer, and weights forced to placements the solver would not pick."""
 
-def forced(mesh: Mapping[str, int], model_name: str = "gpt-tiny") -> dict[str, tuple[Placement, ...]] | None:
-    """Force the tensor-parallel split where the mesh has a tp axis (the solver could pick a plan that
-    never shards a weight on so small a model, which would leave the tp code path untested)."""
-    if "tp" not in mesh:
+    mesh: Mapping[str, int]
+    training: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    optimizer: str = "sgd"
+    placements: Mapping[str, tuple[Placement, ...]] | None = None
+
+
+DP2TP2 = {"dp": 2, "tp": 2}
+# the global batch of 4 as 2 micro-batches of 1 sequence per dp replica (gradient accumulation)
+ACCUMULATE = {"micro_batch_size": 1, "num_micro_batches": 2}
+CASES: dict[str, Case] = {
+    "dp": Case({"dp": 4}),
+    "tp": Case({"tp": 4}),
+    "dp2xtp2": Case(DP2TP2),
+    # ZeRO through FSDP2 on dp alone and beside tp, with SGD and AdamW (its state sharded with the
+    # parameters), over accumulated micro-batches (when FSDP syncs and reshards differs per stage)
+    "dp-zero1": Case({"dp": 4}, {"zero_stage": 1}),
+    "dp-zero2": Case({"dp": 4}, {"zero_stage": 2}),
+    "dp-zero3": Case({"dp": 4}, {"zero_stage": 3}),
+    "dp2xtp2-zero1": Case(DP2TP2, {"zero_stage": 1}),
+    "dp2xtp2-zero2": Case(DP2TP2, {"zero_stage": 2}),
+    "dp2xtp2-zero3": Case(DP2TP2, {"zero_stage": 3}),
+    "dp2xtp2-zero1-adamw": Case(DP2TP2, {"zero_stage": 1}, "adamw"),
+    "dp2xtp2-zero3-adamw": Case(DP2TP2, {"zero_stage": 3}, "adamw"),
+    "dp2xtp2-zero1-accumulate": Case(DP2TP2, {"zero_stage": 1, **ACCUMULATE}),
+    "dp2xtp2-zero2-accumulate-adamw": Case(DP2TP2, {"zero_stage": 2, **ACCUMULATE}, "adamw"),
+    "dp2xtp2-zero3-accumulate": Case(DP2TP2, {"zero_stage": 3, **ACCUMULATE}),
+    # ZeRO-3 on a plan whose weights the planner itself stores Shard(0) over dp (priced gathers): FSDP
+    # takes over the storing and gathering
+    "dp-zero3-planned": Case({"dp": 4}, {"zero_stage": 3}, placements={"*weight": (Shard(0),)}),
+    "tp-recompute": Case({"tp": 4}, {"recompute": ("selective", "full")}),
+    "dp2xtp2-recompute": Case(DP2TP2, {"recompute": ("full", "selective")}),
+    "dp2xtp2-zero3-recompute": Case(DP2TP2, {"zero_stage": 3, "recompute": ("full", "selective")}),
+}
+
+# a case "llama-tiny/dp2xtp2-zero1" runs that model; plain names gpt-tiny. gpt-odd is gpt-tiny with a
+# vocabulary (131) and a position table (18) that 4 ranks cannot split evenly: FSDP pads the last shard
+MODELS = {
+    "gpt-tiny": {},
+    "llama-tiny": {},
+    "gpt-odd": {"preset": "gpt-tiny", "vocab_size": 131, "block_size": 18},
+}
+
+
+def forced(case: Case, model_name: str = "gpt-tiny") -> dict[str, tuple[Placement, ...]] | None:
+    """The case's own placements, and the tensor-parallel split where the mesh has a tp axis (the solver
+    could pick a plan that never shards a weight on so small a model, which would leave the tp code path
+    untested)."""
+    if case.placements is not None:
+        return dict(case.placements)
+    if "tp" not in case.mesh:
         return None
     split = TP_SPLITS["gpt" if model_name.startswith("gpt") else "llama"]
-    return {pat: tuple(p if axis == "tp" else Replicate() for axis in mesh) for pat, p in split.items()}
+    return {pat: tuple(p if axis == "tp" else Replicate() for axis in case.mesh) for pat, p in split.items()}
 
 
 def make(model_name: str = "gpt-tiny") -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    overrides = dict(MODELS[model_name])
     torch.manual_seed(0)
-    model = build(model_name, device="cpu")
+    model = build(overrides.pop("preset", model_name), device="cpu", **overrides)
     vocab = model.config.vocab_size
     batches = [(torch.randint(0, vocab, (4, 16)), torch.randint(0, vocab, (4, 16))) for _ in range(STEPS)]
     return model, batches
 
 
-def shared_plan(
-    model: nn.Module, example: tuple, mesh: Mapping[str, int], training: Mapping | None = None, model_name: str = "gpt-tiny"
-) -> Plan:
-    """Rank 0 plans; every rank runs that very plan."""
+def shared_plan(model: nn.Module, batch: tuple, case: Case, model_name: str = "gpt-tiny") -> Plan:
+    """Rank 0 plans for one micro-batch of the global `batch`; every rank runs that very plan."""
     box: list = [None]
     if dist.get_rank() == 0:
+        micro = case.training.get("num_micro_batches", 1)
+        example = tuple(x[: x.shape[0] // micro] for x in batch)
         ir = autoshard.capture(model, example)
         plan = autoshard.plan_graph(
-            ir, f"cpu:{dist.get_world_size()}", mesh=mesh, param_placements=forced(mesh, model_name)
+            ir, f"cpu:{dist.get_world_size()}", mesh=case.mesh, param_placements=forced(case, model_name)
         )
-        if training:
+        if case.training:
             blocks = tuple(f"{c}.{i}" for c, n in fold_blocks(ir).blocks.items() for i in range(n))
-            recompute = training.get("recompute", ())
-            plan = dataclasses.replace(plan, training=Training(blocks=blocks, **{**training, "recompute": recompute}))
+            training = {"recompute": (), **case.training}
+            plan = dataclasses.replace(plan, training=Training(blocks=blocks, **training))
         box = [plan.to_json()]
     dist.broadcast_object_list(box, src=0)
     return Plan.from_json(box[0])
@@ -103,12 +140,13 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def check(case: str, model: nn.Module, batches: list, ref: tuple) -> dict:
+def check(name: str, model: nn.Module, batches: list, ref: SingleDeviceRun) -> dict:
     ref_losses, ref_grads, ref_params = ref
-    model_name, _, name = case.rpartition("/")
-    mesh = MESHES[name]
-    plan = shared_plan(model, batches[0], mesh, TRAINING.get(name), model_name or "gpt-tiny")
-    compiled = autoshard.compile(model, batches[0], plan=plan, optimizer="sgd", lr=LR)
+    model_name, _, key = name.rpartition("/")
+    case = CASES[key]
+    mesh = case.mesh
+    plan = shared_plan(model, batches[0], case, model_name or "gpt-tiny")
+    compiled = autoshard.compile(model, batches[0], plan=plan, optimizer=case.optimizer, lr=LR[case.optimizer])
     losses, grads = [], {}
     for step, batch in enumerate(batches):
         losses.append(compiled.train_step(*batch))
@@ -119,12 +157,13 @@ def check(case: str, model: nn.Module, batches: list, ref: tuple) -> dict:
     for step, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
         if not math.isclose(got, want, rel_tol=RTOL, abs_tol=ATOL):
             problems.append(f"loss of step {step}: {got} != {want}")
-    for label, got_all, want_all in (("grad", grads, ref_grads), ("param", params, ref_params)):
+    param_atol = ADAMW_PARAM_ATOL if case.optimizer == "adamw" else ATOL
+    for label, got_all, want_all, atol in (("grad", grads, ref_grads, ATOL), ("param", params, ref_params, param_atol)):
         if set(got_all) - set(want_all):
             problems.append(f"{label}s the reference lacks: {sorted(set(got_all) - set(want_all))}")
         for n, got in got_all.items():
             want = want_all.get(n)
-            if want is not None and not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+            if want is not None and not torch.allclose(got, want, rtol=RTOL, atol=atol):
                 problems.append(f"{label} {n}: max |diff| {max_diff(got, want):.3g}")
     if set(params) != set(ref_params):
         problems.append(f"parameter names differ: {sorted(set(params) ^ set(ref_params))}")
@@ -135,6 +174,10 @@ def check(case: str, model: nn.Module, batches: list, ref: tuple) -> dict:
         problems.append(f"gradients missing: {sorted(set(compiled.parameters) - set(grads))}")
     stage = plan.training.zero_stage
     problems += zero_holdings(compiled.parameters, stage)
+    for n, p in compiled.parameters.items():  # AdamW's moments: the shape of what the optimizer steps
+        for key, t in compiled.optimizer.state.get(p, {}).items():
+            if t.ndim and t.to_local().numel() != p.to_local().numel():
+                problems.append(f"AdamW's {key} of {n}: {t.to_local().numel()} elements here, its parameter {p.to_local().numel()}")
     if any(m != "none" for m in plan.training.recompute) and "checkpoint_block(" not in compiled.code:
         problems.append("the recompute plan's code calls no checkpoint_block")
     return {
@@ -158,10 +201,14 @@ def main(names: list[str]) -> None:
             if not cases:
                 continue
             model, batches = make(model_name)
-            ref = single_device_run(model, batches, lr=LR)
-            results.update({case: check(case, model, batches, ref) for case in cases})
+            refs = {
+                opt: single_device_run(model, batches, lr=LR[opt], optimizer=opt)
+                for opt in sorted({CASES[c.rpartition("/")[2]].optimizer for c in cases})
+            }
+            for case in cases:
+                results[case] = check(case, model, batches, refs[CASES[case.rpartition("/")[2]].optimizer])
         session.result = results
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(MESHES))
+    main(sys.argv[1:] or list(CASES))
