@@ -16,6 +16,12 @@ size), all ranks' pieces of an all-to-all together (local input times the group 
 tree) so the plan and the run must agree exactly; bytes sent per device follow from it with
 `collective_bytes_per_device` and are reported alongside, not compared.
 
+Under ZeRO the plan's collectives of parameters over dp give way to FSDP2's (runtime/fsdp.py
+`zero_collectives`): per FSDP group (a block, or the program's remaining parameters) one all-gather
+before forward and reduce-scatters of the gradients, as often as the ZeRO stage and the micro-batch
+count say. FSDP's own c10d ops are recorded like DTensor's; a dimension dp does not divide is padded
+by FSDP, and the padding shows as issued bytes beyond the planned.
+
 One-element collectives are counted apart (`scalars p/i`): DTensor's cross-entropy backward all-reduces
 the partial `total_weight` scalar of nll_loss (4 bytes) inside the composite, which no placement of the
 plan's graph nodes exposes; `matches_beyond_scalars` compares everything else exactly.
@@ -32,11 +38,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoshard.cost_model.collectives import Collective, collective_bytes_per_device
 from autoshard.report.table import format_count, format_table
+from autoshard.runtime.fsdp import zero_collectives
 
 if TYPE_CHECKING:
     from autoshard.runtime.compiled import CompiledModel
@@ -62,6 +70,10 @@ _KINDS: dict[str, tuple[str, str]] = {
     "shard_dim_alltoall": ("all_to_all", "input_x_group"),
     "broadcast_": ("broadcast", "input"),
 }
+
+
+# c10d's own ops (what FSDP2 calls) take (output, input, process group, ...): the input is the second
+_OUTPUT_FIRST = frozenset({"_allgather_base_", "_reduce_scatter_base_"})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -179,13 +191,27 @@ class _RecordingCommMode(TorchDispatchMode):
 
     def _record(self, name: str, args: Sequence[Any], kwargs: dict) -> IssuedCollective:
         kind, rule = _KINDS[name]
-        group = next((a for a in (*args[1:], *kwargs.values()) if isinstance(a, str) and a in self._group_axes), None)
+        names = (_group_name(a) for a in (*args[1:], *kwargs.values()))
+        group = next((g for g in names if g in self._group_axes), None)
         axis = self._group_axes.get(group, "?") if group is not None else "?"
-        x = args[0]
+        x = args[1] if name in _OUTPUT_FIRST else args[0]
         nbytes = x.numel() * x.element_size()
         if rule == "input_x_group":
             nbytes *= self._axis_sizes.get(axis, 1)
         return IssuedCollective(phase=self.phase, collective=kind, axis=axis, full_bytes=int(nbytes), op=name)
+
+
+def _group_name(arg: Any) -> str | None:
+    """The process group an op argument names: functional collectives pass its name, c10d's ops the
+    group itself (boxed as a ScriptObject)."""
+    if isinstance(arg, str):
+        return arg
+    if isinstance(arg, torch.ScriptObject):
+        try:
+            return ProcessGroup.unbox(arg).group_name
+        except RuntimeError:  # another script object
+            return None
+    return None
 
 
 def measure_comm(compiled: CompiledModel, *inputs: Any) -> CommReport:
@@ -211,7 +237,10 @@ def measure_comm(compiled: CompiledModel, *inputs: Any) -> CommReport:
             buffer = r.full_bytes // n if r.collective == "all_to_all" else r.full_bytes  # its per-device buffer
             sent[key] += collective_bytes_per_device(Collective(r.collective), buffer, n)
     planned: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    for c in compiled.plan.collectives:
+    expected = compiled.plan.collectives
+    if compiled.fsdp:  # ZeRO: the parameters' dp traffic is FSDP's
+        expected = zero_collectives(compiled.plan, compiled.ir, compiled.fsdp)
+    for c in expected:
         key = (c.phase, c.collective, c.axis)
         scalar = c.full_bytes <= SCALAR_BYTES
         planned[key][0] += 1

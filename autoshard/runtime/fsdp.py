@@ -37,6 +37,7 @@ and its gradient settles to its placement as without ZeRO.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,9 +49,10 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.fx import GraphModule, Node
 
+from autoshard.cost_model.collectives import Collective, collective_bytes_per_device
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR
-from autoshard.ir.plan import Plan, Training
+from autoshard.ir.plan import Plan, PlannedCollective, Training
 from autoshard.passes.codegen import _contiguous
 from autoshard.passes.recompute import block_modes, checkpoint_block, outline_blocks
 from autoshard.strategies.mesh import spec_from_str, spec_str
@@ -65,6 +67,7 @@ __all__ = [
     "replicated_over_dp",
     "scoped_program",
     "shard_with_fsdp",
+    "zero_collectives",
 ]
 
 DP_AXIS = "dp"
@@ -274,6 +277,7 @@ def shard_with_fsdp(root: nn.Module, blocks: Sequence[nn.Module], mesh: DeviceMe
             scope.dp_index = dp_index
     modules = [fully_shard(b, **options) for b in blocks]
     modules.append(fully_shard(root, **options))
+    root.fsdp_ignored = ignored  # what zero_collectives leaves out
     for m in modules:
         m.set_gradient_divide_factor(1.0)  # the replicas' partial gradients are summed, not averaged
         m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
@@ -324,3 +328,43 @@ def before_micro_batch(modules: Sequence[FSDPModule], stage: int, last: bool) ->
             m.set_reshard_after_backward(last, recurse=False)
         if stage == 1:
             m.set_requires_gradient_sync(last, recurse=False)
+
+
+def zero_collectives(plan: Plan, ir: GraphIR, modules: Sequence[nn.Module]) -> list[PlannedCollective]:
+    """The collectives one step of `plan` issues with ZeRO run by FSDP2 over `modules` (shard_with_fsdp's,
+    root last): the plan's own, but for its parameters' dp traffic, then FSDP's per group.
+
+    Per group and step, with m micro-batches: ZeRO-1 one all-gather (first forward) and one
+    reduce-scatter (last backward); ZeRO-2 one all-gather and m reduce-scatters; ZeRO-3 m all-gathers in
+    forward, m in backward and m reduce-scatters. A group's buffer is its parameters as this rank holds
+    them without ZeRO (tp shards whole over dp), unpadded. Seconds are left to the step model
+    (solver/training.py prices the same collectives)."""
+    stage, m = plan.training.zero_stage, plan.training.num_micro_batches
+    param_nodes = {n for info in ir.params for n in info.nodes}
+    out = [c for c in plan.collectives if not (c.axis == DP_AXIS and c.src in param_nodes)]
+    root = modules[-1]
+    ignored = {id(p) for p in getattr(root, "fsdp_ignored", ())}
+    owned: set[int] = set()
+    counts = {
+        1: {("forward", "all_gather"): 1, ("backward", "reduce_scatter"): 1},
+        2: {("forward", "all_gather"): 1, ("backward", "reduce_scatter"): m},
+        3: {("forward", "all_gather"): m, ("backward", "all_gather"): m, ("backward", "reduce_scatter"): m},
+    }[stage]
+    for i, module in enumerate(modules):
+        params = [p for p in module.parameters() if id(p) not in ignored and id(p) not in owned]
+        owned.update(id(p) for p in params)
+        if not params:
+            continue
+        mesh = params[0].device_mesh
+        dp = mesh.shape[list(mesh.mesh_dim_names).index(DP_AXIS)]
+        nbytes = sum(math.prod(_dp_shape(p, list(mesh.mesh_dim_names).index(DP_AXIS))) * p.element_size() for p in params)
+        for (phase, kind), n in counts.items():
+            collective = Collective.ALL_GATHER if kind == "all_gather" else Collective.REDUCE_SCATTER
+            per_device = collective_bytes_per_device(collective, nbytes, dp)
+            out += [
+                PlannedCollective(
+                    src=f"fsdp group {i}", dst="", phase=phase, axis=DP_AXIS, collective=kind,
+                    full_bytes=int(nbytes), bytes_per_device=per_device, seconds=0.0,
+                )
+            ] * n
+    return out

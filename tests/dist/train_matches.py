@@ -57,6 +57,12 @@ class Case:
     training: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     optimizer: str = "sgd"
     placements: Mapping[str, tuple[Placement, ...]] | None = None
+    # gpt-tiny: the step's collectives equal the plan's (comm_report), FSDP's under ZeRO. Not yet (found,
+    # open): ZeRO-3 beside tp (one dp all-gather in backward beyond the plan); several micro-batches (the
+    # plan lists one micro-batch's collectives); llama-tiny beside tp, where DTensor all-reduces some weight
+    # gradients over dp inside backward before FSDP reduce-scatters them (exact, but sent twice). A dim
+    # dp does not divide adds FSDP's padding, rightly.
+    comm_matches: bool = False
 
 
 DP2TP2 = {"dp": 2, "tp": 2}
@@ -68,11 +74,11 @@ CASES: dict[str, Case] = {
     "dp2xtp2": Case(DP2TP2),
     # ZeRO through FSDP2 on dp alone and beside tp, with SGD and AdamW (its state sharded with the
     # parameters), over accumulated micro-batches (when FSDP syncs and reshards differs per stage)
-    "dp-zero1": Case({"dp": 4}, {"zero_stage": 1}),
-    "dp-zero2": Case({"dp": 4}, {"zero_stage": 2}),
-    "dp-zero3": Case({"dp": 4}, {"zero_stage": 3}),
-    "dp2xtp2-zero1": Case(DP2TP2, {"zero_stage": 1}),
-    "dp2xtp2-zero2": Case(DP2TP2, {"zero_stage": 2}),
+    "dp-zero1": Case({"dp": 4}, {"zero_stage": 1}, comm_matches=True),
+    "dp-zero2": Case({"dp": 4}, {"zero_stage": 2}, comm_matches=True),
+    "dp-zero3": Case({"dp": 4}, {"zero_stage": 3}, comm_matches=True),
+    "dp2xtp2-zero1": Case(DP2TP2, {"zero_stage": 1}, comm_matches=True),
+    "dp2xtp2-zero2": Case(DP2TP2, {"zero_stage": 2}, comm_matches=True),
     "dp2xtp2-zero3": Case(DP2TP2, {"zero_stage": 3}),
     "dp2xtp2-zero1-adamw": Case(DP2TP2, {"zero_stage": 1}, "adamw"),
     "dp2xtp2-zero3-adamw": Case(DP2TP2, {"zero_stage": 3}, "adamw"),
@@ -178,6 +184,10 @@ def check(name: str, model: nn.Module, batches: list, ref: SingleDeviceRun) -> d
         for key, t in compiled.optimizer.state.get(p, {}).items():
             if t.ndim and t.to_local().numel() != p.to_local().numel():
                 problems.append(f"AdamW's {key} of {n}: {t.to_local().numel()} elements here, its parameter {p.to_local().numel()}")
+    if case.comm_matches and model_name in ("", "gpt-tiny"):  # FSDP issues ZeRO's collectives: per group and stage, and their bytes (one more step)
+        report = compiled.comm_report(*batches[0])
+        if not report.matches_beyond_scalars or report.unplanned_scalars > 1:
+            problems.append(f"collectives differ from the plan's:\n{report.table()}")
     if any(m != "none" for m in plan.training.recompute) and "checkpoint_block(" not in compiled.code:
         problems.append("the recompute plan's code calls no checkpoint_block")
     return {
