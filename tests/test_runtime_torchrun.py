@@ -18,13 +18,13 @@ import torch.distributed as dist
 from autoshard.runtime.launch import LaunchError, run_local
 
 DIST = Path(__file__).parent / "dist"
-# gpt-tiny: the three meshes; ZeRO 1, 2 and 3 through FSDP2 on dp=4 and dp=2 x tp=2, with AdamW, over
+# gpt-tiny and llama-tiny: the solver's own plan (ZeRO-1 on dp=4); gpt-tiny: the three meshes; ZeRO 1, 2 and 3 through FSDP2 on dp=4 and dp=2 x tp=2, with AdamW, over
 # accumulated micro-batches, and on a plan that itself stores weights sharded over dp; per-block selective
 # and full recomputation, alone and under ZeRO-3. llama-tiny: ZeRO 1, 2, 3 and recomputation on dp2 x tp2.
 # gpt-odd: ZeRO 2 and 3 where dp=4 does not divide the embeddings' rows (FSDP pads the last shard).
 _LLAMA = ("dp2xtp2-zero1", "dp2xtp2-zero2", "dp2xtp2-zero3", "dp2xtp2-recompute", "dp2xtp2-zero2-accumulate-adamw")
 CASES = (
-    "dp", "tp", "dp2xtp2", "dp-zero1", "dp-zero2", "dp-zero3", "dp2xtp2-zero1", "dp2xtp2-zero2", "dp2xtp2-zero3",
+    "auto", "llama-tiny/auto", "dp", "tp", "dp2xtp2", "dp-zero1", "dp-zero2", "dp-zero3", "dp2xtp2-zero1", "dp2xtp2-zero2", "dp2xtp2-zero3",
     "dp2xtp2-zero1-adamw", "dp2xtp2-zero3-adamw", "dp2xtp2-zero1-accumulate", "dp2xtp2-zero2-accumulate-adamw",
     "dp2xtp2-zero3-accumulate", "dp-zero3-planned", "tp-recompute", "dp2xtp2-recompute", "dp2xtp2-zero3-recompute",
     *(f"llama-tiny/{c}" for c in _LLAMA), "gpt-odd/dp-zero2", "gpt-odd/dp-zero3",

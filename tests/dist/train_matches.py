@@ -53,7 +53,7 @@ class Case:
     """One plan to train: the mesh, Plan.training beyond the blocks (ZeRO, recomputation per block,
     micro-batches), the optimizer, and weights forced to placements the solver would not pick."""
 
-    mesh: Mapping[str, int]
+    mesh: Mapping[str, int] | None  # None: the solver's own plan for cpu:4, made inside autoshard.compile
     training: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     optimizer: str = "sgd"
     placements: Mapping[str, tuple[Placement, ...]] | None = None
@@ -69,6 +69,7 @@ DP2TP2 = {"dp": 2, "tp": 2}
 # the global batch of 4 as 2 micro-batches of 1 sequence per dp replica (gradient accumulation)
 ACCUMULATE = {"micro_batch_size": 1, "num_micro_batches": 2}
 CASES: dict[str, Case] = {
+    "auto": Case(None),
     "dp": Case({"dp": 4}),
     "tp": Case({"tp": 4}),
     "dp2xtp2": Case(DP2TP2),
@@ -150,9 +151,14 @@ def check(name: str, model: nn.Module, batches: list, ref: SingleDeviceRun) -> d
     ref_losses, ref_grads, ref_params = ref
     model_name, _, key = name.rpartition("/")
     case = CASES[key]
-    mesh = case.mesh
-    plan = shared_plan(model, batches[0], case, model_name or "gpt-tiny")
-    compiled = autoshard.compile(model, batches[0], plan=plan, optimizer=case.optimizer, lr=LR[case.optimizer])
+    options = {"optimizer": case.optimizer, "lr": LR[case.optimizer]}
+    if case.mesh is None:
+        compiled = autoshard.compile(model, batches[0], cluster=f"cpu:{dist.get_world_size()}", **options)
+        plan = compiled.plan
+    else:
+        plan = shared_plan(model, batches[0], case, model_name or "gpt-tiny")
+        compiled = autoshard.compile(model, batches[0], plan=plan, **options)
+    mesh = dict(plan.mesh)
     losses, grads = [], {}
     for step, batch in enumerate(batches):
         losses.append(compiled.train_step(*batch))
