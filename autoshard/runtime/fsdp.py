@@ -356,8 +356,9 @@ def zero_collectives(plan: Plan, ir: GraphIR, modules: Sequence[nn.Module]) -> l
         if not params:
             continue
         mesh = params[0].device_mesh
-        dp = mesh.shape[list(mesh.mesh_dim_names).index(DP_AXIS)]
-        nbytes = sum(math.prod(_dp_shape(p, list(mesh.mesh_dim_names).index(DP_AXIS))) * p.element_size() for p in params)
+        dp_index = list(mesh.mesh_dim_names).index(DP_AXIS)
+        dp = mesh.shape[dp_index]
+        nbytes = sum(math.prod(_dp_shape(p, dp_index)) * p.element_size() for p in params)
         for (phase, kind), n in counts.items():
             collective = Collective.ALL_GATHER if kind == "all_gather" else Collective.REDUCE_SCATTER
             per_device = collective_bytes_per_device(collective, nbytes, dp)
