@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autoshard
 from autoshard.ir.plan import Plan, Training
+from autoshard.runtime.reference import SingleDeviceRun
 
 # Megatron's column/row split on the tp axis, per model family
 TP_SPLITS: dict[str, dict[str, Placement]] = {
@@ -150,4 +151,38 @@ def zero_holdings(parameters: Mapping[str, nn.Parameter], stage: int) -> list[st
             problems.append(f"ZeRO-{stage}: {n} is not held as a dp shard ({p.placements}, {p.to_local().numel()} > {most})")
         if p.grad is not None and p.grad.to_local().numel() != p.to_local().numel():
             problems.append(f"ZeRO-{stage}: the gradient of {n} is not a dp shard")
+    return problems
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def reference_problems(
+    losses: list[float],
+    grads: Mapping[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    ref: SingleDeviceRun,
+    *,
+    rtol: float,
+    atol: float,
+    param_atol: float | None = None,
+) -> list[str]:
+    """Where a distributed run differs from the single-device one: the loss of each step, the first
+    step's gradients and the final parameters (unsharded, by name), at the given tolerances
+    (`param_atol` for the parameters, default `atol`)."""
+    problems = []
+    for step, (got, want) in enumerate(zip(losses, ref.losses, strict=True)):
+        if not math.isclose(got, want, rel_tol=rtol, abs_tol=atol):
+            problems.append(f"loss of step {step}: {got} != {want}")
+    checks = (("grad", grads, ref.first_grads, atol), ("param", params, ref.params, param_atol or atol))
+    for label, got_all, want_all, tol in checks:
+        if set(got_all) - set(want_all):
+            problems.append(f"{label}s the reference lacks: {sorted(set(got_all) - set(want_all))}")
+        for n, got in got_all.items():
+            want = want_all.get(n)
+            if want is not None and not torch.allclose(got, want, rtol=rtol, atol=tol):
+                problems.append(f"{label} {n}: max |diff| {max_diff(got, want):.3g}")
+    if set(params) != set(ref.params):
+        problems.append(f"parameter names differ: {sorted(set(params) ^ set(ref.params))}")
     return problems

@@ -30,7 +30,14 @@ from autoshard.ir.plan import Plan  # noqa: E402
 from autoshard.models import build  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
 from autoshard.runtime.reference import single_device_run  # noqa: E402
-from pipeline_plans import MatmulDtypes, SkipModel, pipelined_plan, zero_holdings  # noqa: E402
+from pipeline_plans import (  # noqa: E402
+    MatmulDtypes,
+    SkipModel,
+    max_diff,
+    pipelined_plan,
+    reference_problems,
+    zero_holdings,
+)
 
 STEPS = 3
 LR = 0.1
@@ -120,10 +127,6 @@ def shared_plan(
     return Plan.from_json(box[0])
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max()) if a.numel() else 0.0
-
-
 def check(name: str, models: dict) -> dict:
     preset, layers, schedule, virtual, mesh, *rest = CASES[name]
     changes = rest[0] if rest else {}
@@ -148,18 +151,7 @@ def check(name: str, models: dict) -> dict:
             full = p.detach().full_tensor()
             if not torch.allclose(full, ref_params[c], rtol=RTOL, atol=ATOL):
                 problems.append(f"stage {sid}'s copy of {c}: max |diff| {max_diff(full, ref_params[c]):.3g}")
-    for step, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
-        if not math.isclose(got, want, rel_tol=RTOL, abs_tol=ATOL):
-            problems.append(f"loss of step {step}: {got} != {want}")
-    for label, got_all, want_all in (("grad", grads, ref_grads), ("param", params, ref_params)):
-        if set(got_all) - set(want_all):
-            problems.append(f"{label}s the reference lacks: {sorted(set(got_all) - set(want_all))}")
-        for n, got in got_all.items():
-            want = want_all.get(n)
-            if want is not None and not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
-                problems.append(f"{label} {n}: max |diff| {max_diff(got, want):.3g}")
-    if set(params) != set(ref_params):
-        problems.append(f"parameter names differ: {sorted(set(params) ^ set(ref_params))}")
+    problems += reference_problems(losses, grads, params, ref, rtol=RTOL, atol=ATOL)
     if "tp" in mesh and not any("S" in spec for spec in plan.params.values()):
         problems.append("the tensor-parallel plan shards no parameter")
     return {

@@ -14,7 +14,6 @@ rank's result file); one process group serves every case, since starting ranks c
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +35,7 @@ from autoshard.runtime.fsdp import full_value  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
 from autoshard.runtime.reference import SingleDeviceRun, single_device_run  # noqa: E402
 from autoshard.solver.blocks import fold_blocks  # noqa: E402
-from pipeline_plans import TP_SPLITS, zero_holdings  # noqa: E402  (Megatron's column/row split per model family)
+from pipeline_plans import TP_SPLITS, max_diff, reference_problems, zero_holdings  # noqa: E402  (Megatron's column/row split per model family)
 
 STEPS = 3
 LR = {"sgd": 0.1, "adamw": 1e-2}  # AdamW's steps are ~lr each: 1e-2 moves every weight well beyond the tolerance
@@ -143,10 +142,6 @@ def shared_plan(model: nn.Module, batch: tuple, case: Case, model_name: str = "g
     return Plan.from_json(box[0])
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max()) if a.numel() else 0.0
-
-
 def check(name: str, model: nn.Module, batches: list, ref: SingleDeviceRun) -> dict:
     ref_losses, ref_grads, ref_params = ref
     model_name, _, key = name.rpartition("/")
@@ -165,20 +160,8 @@ def check(name: str, model: nn.Module, batches: list, ref: SingleDeviceRun) -> d
         if step == 0:  # under ZeRO FSDP's dp shard of each gradient
             grads = {n: full_value(g) for n, g in compiled.gradients().items()}
     params = compiled.full_state_dict()
-    problems = []
-    for step, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
-        if not math.isclose(got, want, rel_tol=RTOL, abs_tol=ATOL):
-            problems.append(f"loss of step {step}: {got} != {want}")
     param_atol = ADAMW_PARAM_ATOL if case.optimizer == "adamw" else ATOL
-    for label, got_all, want_all, atol in (("grad", grads, ref_grads, ATOL), ("param", params, ref_params, param_atol)):
-        if set(got_all) - set(want_all):
-            problems.append(f"{label}s the reference lacks: {sorted(set(got_all) - set(want_all))}")
-        for n, got in got_all.items():
-            want = want_all.get(n)
-            if want is not None and not torch.allclose(got, want, rtol=RTOL, atol=atol):
-                problems.append(f"{label} {n}: max |diff| {max_diff(got, want):.3g}")
-    if set(params) != set(ref_params):
-        problems.append(f"parameter names differ: {sorted(set(params) ^ set(ref_params))}")
+    problems = reference_problems(losses, grads, params, ref, rtol=RTOL, atol=ATOL, param_atol=param_atol)
     sharded = sorted(n for n, spec in compiled.plan.params.items() if "S" in spec)
     if "tp" in mesh and not sharded:
         problems.append("the tensor-parallel plan shards no parameter")
