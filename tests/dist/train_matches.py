@@ -24,7 +24,6 @@ from torch import nn
 from pathlib import Path
 
 from torch.distributed.tensor import Placement, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for the shared tensor-parallel splits
 
