@@ -7,11 +7,12 @@ STAMP  := $(VENV)/.autoshard-installed
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and exact: a CPU wheel is available locally; an unpinned torch pulls CUDA packages.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	# every later install is held to constraints.txt, so transformers cannot swap torch for a CUDA build
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
