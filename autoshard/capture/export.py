@@ -6,12 +6,12 @@ import linecache
 import os
 import traceback
 from types import TracebackType
-from typing import Any
 
 import torch
 from torch import nn
 from torch.export import ExportedProgram
 
+from autoshard.capture.calls import Call
 from autoshard.errors import AutoshardError, CaptureError
 
 __all__ = ["export_model"]
@@ -20,10 +20,10 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _AUTOSHARD_DIR = os.path.dirname(os.path.dirname(__file__))
 
 
-def export_model(model: nn.Module, args: tuple[Any, ...]) -> ExportedProgram:
-    """torch.export.export(model, args, strict=False), with failures reported at the user's line."""
+def export_model(model: nn.Module, call: Call) -> ExportedProgram:
+    """torch.export.export(model, args, kwargs, strict=False), with failures reported at the user's line."""
     try:
-        return torch.export.export(model, args, strict=False)
+        return torch.export.export(model, call.args, kwargs=dict(call.kwargs), strict=False)
     except AutoshardError:
         raise  # our own hints refused something during tracing: that message is already precise
     except Exception as exc:  # noqa: BLE001 - every export failure is re-raised with a location

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from autoshard.capture.calls import Call
 from autoshard.errors import InputError
 
 __all__ = ["model_device", "normalize_inputs"]
@@ -39,20 +39,15 @@ def model_device(model: object) -> torch.device:
     return devices.pop()
 
 
-def normalize_inputs(example_inputs: object, device: torch.device) -> tuple[Any, ...]:
-    """Turn example inputs into a tuple on the model's device, refusing leaves export cannot take.
+def normalize_inputs(call: Call, device: torch.device) -> Call:
+    """The call with its leaves on the model's device, refusing leaves export cannot take.
 
     Only shapes and dtypes matter for capture, so a tensor on another device is replaced by an
     uninitialised tensor of the same shape on the model's device (free on meta).
     """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, Sequence) or isinstance(example_inputs, (str, bytes)):
-        raise InputError(
-            "autoshard expected example_inputs as a tensor or a tuple of the forward's positional "
-            f"arguments, found {type(example_inputs).__name__}; e.g. `(idx, targets)`."
-        )
-    return tuple(_normalize_leaf(x, f"example_inputs[{i}]", device) for i, x in enumerate(example_inputs))
+    args = tuple(_normalize_leaf(x, f"example_inputs[{i}]", device) for i, x in enumerate(call.args))
+    kwargs = {k: _normalize_leaf(v, f"example_inputs[{k!r}]", device) for k, v in call.kwargs.items()}
+    return Call(args=args, kwargs=kwargs)
 
 
 def _normalize_leaf(x: object, where: str, device: torch.device) -> Any:

@@ -116,6 +116,8 @@ class GraphIR:
     recapture: Callable[[int], GraphIR] | None = field(default=None, compare=False, repr=False)
     # pipeline_stage / recompute hints by module path (autoshard.hints.step)
     step_hints: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
+    # where the loss is among the graph's outputs (capture.calls.LossOutput), None when not looked for
+    loss: Any = field(default=None, compare=False)
 
     def node(self, name: str) -> NodeInfo:
         """The node called `name`."""

@@ -70,7 +70,8 @@ def split_stages(gm: GraphModule, ir: GraphIR, training: Training) -> StageSplit
     nodes = list(gm.graph.nodes)
     placeholders = [p for p in nodes if p.op == "placeholder"]
     state = {p for p in placeholders if kinds.get(p.name) is not InputKind.USER_INPUT}
-    user_inputs = [p for p in placeholders if p not in state]
+    # an input nothing reads (a constant argument such as use_cache=False) is fed to no stage
+    user_inputs = [p for p in placeholders if p not in state and p.users]
     block_of = _block_index(ir, training.blocks)
 
     params = {p for p in state if kinds[p.name] is InputKind.PARAMETER}
@@ -78,7 +79,7 @@ def split_stages(gm: GraphModule, ir: GraphIR, training: Training) -> StageSplit
     target = _target_input(user_inputs, block_of)
     tail = _downstream(target)
     output = nodes[-1]
-    loss_value = _loss_value(output, tail)
+    loss_value = _loss_value(output, tail, ir.loss.index if ir.loss is not None else None)
 
     # ---- policy: a stage per node (n stands for the loss tail) --------------------------------------
     block_stage = {b: s for s in range(n) for b in training.stage_blocks(s)}
@@ -190,15 +191,20 @@ def _downstream(start: Node) -> set[Node]:
     return seen
 
 
-def _loss_value(output: Node, tail: set[Node]) -> Node:
+def _loss_value(output: Node, tail: set[Node], index: int | None) -> Node:
+    """The loss among the graph's outputs (`index`, found at capture; the only output when None). A
+    pipeline trains on the loss alone: the model's other outputs (logits) are not returned."""
     values = output.args[0]
     values = values if isinstance(values, (tuple, list)) else (values,)
-    if len(values) != 1 or values[0] not in tail:
+    if index is None and len(values) == 1:
+        index = 0
+    if index is None or values[index] not in tail:
         raise InputError(
-            f"expected the model to return its loss alone, computed from the targets; found outputs "
-            f"{[getattr(v, 'name', v) for v in values]}; a pipelined model's forward must return the scalar loss"
+            f"expected the model to return its loss, computed from the targets; found outputs "
+            f"{[getattr(v, 'name', v) for v in values]}; a pipelined model's forward must return the scalar loss "
+            "(alone, as a ModelOutput's `loss`, or as the one scalar of a tuple)"
         )
-    return values[0]
+    return values[index]
 
 
 def _build(

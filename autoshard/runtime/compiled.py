@@ -27,10 +27,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx import GraphModule
 
 from autoshard.capture import capture
+from autoshard.capture.calls import as_call, flatten_call
 from autoshard.cost_model import Cluster
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR
@@ -48,6 +49,7 @@ from autoshard.runtime.fsdp import (
     scoped_program,
     shard_with_fsdp,
 )
+from autoshard.strategies._dtensor import outside_local_tensor_mode
 from autoshard.strategies.mesh import spec_from_str
 
 if TYPE_CHECKING:
@@ -84,8 +86,11 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
 
     `cluster` defaults to `"cpu:<world size>"`; `mesh` fixes the axes as in `autoshard.plan`. A plan solved
     here is broadcast from rank 0 so every rank runs the same one even if solvers disagreed (they are
-    deterministic; the broadcast makes it a guarantee). `loss_fn(*outputs)` turns the model's outputs
-    into a scalar loss for `train_step`; without it the model's first output is the loss.
+    deterministic; the broadcast makes it a guarantee). `example_inputs` is what the model is called
+    with: a tuple of positional arguments, a dict of keyword arguments (`{"input_ids": ..., "labels":
+    ...}`), or a tensor; `train_step` and the forward take the same. The loss is found among the
+    model's outputs (a scalar output, a ModelOutput's `.loss`, the single scalar of a tuple;
+    capture/calls.py); `loss_fn(*outputs)` overrides that, turning the outputs into the scalar loss.
 
     A plan with pipeline stages (`plan.training.pp > 1`) returns a `PipelinedModel` (runtime/pipeline.py): its
     example inputs are one micro-batch (the global batch is cut to its first), `train_step` takes the global batch.
@@ -106,16 +111,22 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
             "its shards are initialised as the model built on cpu after torch.manual_seed(seed) would be, "
             "and every rank must use the same seed"
         )
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    call = as_call(example_inputs)
     world = dist.get_world_size()
     if plan is None:
         from autoshard.solver.search import plan_graph
 
-        plan = plan_graph(capture(model, inputs), cluster or f"cpu:{world}", mesh=mesh, optimizer=optimizer)
+        with outside_local_tensor_mode():  # capture is pure tracing, on fake tensors, whatever the world
+            full = capture(model, call.args, call.kwargs)
+        _check_loss(full, loss_fn)  # before planning: a model whose loss cannot be found is refused at once
+        plan = plan_graph(full, cluster or f"cpu:{world}", mesh=mesh, optimizer=optimizer)
         plan = _broadcast_plan(plan)
     # a plan is made for one micro-batch of every replica: global-batch example inputs are cut to it
-    ir = capture(model, first_micro_batch(inputs, plan))
+    args, kwargs = first_micro_batch((call.args, dict(call.kwargs)), plan)
+    with outside_local_tensor_mode():
+        ir = capture(model, args, kwargs)
     plan.check_graph(ir)
+    _check_loss(ir, loss_fn)
     if plan.training.pp > 1:
         return _pipelined(model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, seed=seed, **optimizer_kwargs)
     return CompiledModel(
@@ -134,6 +145,16 @@ def _pipelined(
     from autoshard.runtime.pipeline import PipelinedModel
 
     return PipelinedModel(model, ir, plan, **kwargs)
+
+
+def _check_loss(ir: GraphIR, loss_fn: Callable[..., Any] | None) -> None:
+    """Refuse a model whose loss cannot be found among its outputs (unless `loss_fn` says how)."""
+    if loss_fn is None and ir.loss is not None and ir.loss.index is None:
+        raise InputError(
+            f"expected the model to return its loss (a scalar, a ModelOutput or dict with `loss`, or a tuple "
+            f"holding one scalar); found {ir.loss.found}: {ir.loss.how}; return the loss (e.g. pass the labels), "
+            "or pass loss_fn=lambda *outputs: ... to autoshard.compile"
+        )
 
 
 def _broadcast_plan(plan: Plan) -> Plan:
@@ -194,7 +215,13 @@ class CompiledModel:
                 shards[info.name], requires_grad=model.get_parameter(info.name).requires_grad
             )
             self._names[info.name] = info.names
+        self.buffers: dict[str, torch.Tensor] = {}  # by the model's buffer name
+        self._persistent: set[str] = set()
         self._signature = self._placeholder_sources(model, ir)
+        # the model's own outputs among the graph's (in-place buffer updates may be outputs too)
+        self._user_outputs = [
+            i for i, o in enumerate(ir.exported.graph_signature.output_specs) if o.kind is OutputKind.USER_OUTPUT
+        ]
         make_optimizer = optimizer_factory(optimizer, lr, **optimizer_kwargs)
 
         self.program: ProgramScope | None = None  # the program as FSDP2 modules, under ZeRO
@@ -208,24 +235,35 @@ class CompiledModel:
 
     # ---- running ------------------------------------------------------------------------------------
 
-    def __call__(self, *inputs: Any) -> Any:
-        """Forward on the global batch; outputs come back as full (unsharded) tensors."""
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward on the global batch, called as the model is; the model's outputs come back as full
+        (unsharded) tensors, in the model's own structure (a ModelOutput, a tuple, a tensor)."""
         with torch.no_grad(), self._autocast():
-            outputs = self._run(inputs)
-        full = tuple(o.full_tensor() if isinstance(o, DTensor) else o for o in outputs)
-        return full[0] if len(full) == 1 else full
+            outputs = self._run(self._flat(args, kwargs))
+        full = [o.full_tensor() if isinstance(o, DTensor) else o for o in outputs]
+        return torch.utils._pytree.tree_unflatten([full[i] for i in self._user_outputs], self.ir.exported.call_spec.out_spec)
 
-    def train_step(self, *inputs: Any) -> float:
-        """One step: forward, backward through DTensor autograd, gradients to the parameters' placements,
-        optimizer step. Returns the loss as a float."""
-        return self._train_step(inputs)
+    def train_step(self, *args: Any, **kwargs: Any) -> float:
+        """One step on the global batch, called as the model is (`train_step(input_ids=..., labels=...)`):
+        forward, backward through DTensor autograd, gradients to the parameters' placements, optimizer
+        step. Returns the loss as a float."""
+        return self._train_step(self._flat(args, kwargs))
 
-    def comm_report(self, *inputs: Any) -> CommReport:
+    def comm_report(self, *args: Any, **kwargs: Any) -> CommReport:
         """Run one training step (it updates the parameters) and return the collectives it issued next to
         the plan's, per phase, kind and mesh axis (`print(report)` shows the table)."""
         from autoshard.runtime.comm import measure_comm
 
-        return measure_comm(self, *inputs)
+        return measure_comm(self, *self._flat(args, kwargs))
+
+    def _flat(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        """A call as the graph's flat user inputs (capture/calls.py refuses a call of another shape)."""
+        return flatten_call(self.ir.exported, args, kwargs)
+
+    def _loss(self, outputs: Sequence[Any]) -> Any:
+        if self.loss_fn is not None:
+            return self.loss_fn(*(outputs[i] for i in self._user_outputs))
+        return outputs[self.ir.loss.index if self.ir.loss is not None and self.ir.loss.index is not None else 0]
 
     def _train_step(
         self, inputs: Sequence[Any], *, phase: Callable[[str], ContextManager[None]] | None = None
@@ -241,7 +279,7 @@ class CompiledModel:
                 before_micro_batch(self.fsdp, self.training.zero_stage, last=k == len(chunks) - 1)
             with phase("forward"), self._autocast():
                 outputs = self._run(chunk)
-                loss = self.loss_fn(*outputs) if self.loss_fn is not None else outputs[0]
+                loss = self._loss(outputs)
             if loss.numel() != 1:
                 raise InputError(
                     f"expected a scalar loss, found shape {tuple(loss.shape)}; "
@@ -283,6 +321,8 @@ class CompiledModel:
         for name, kind, source in self._signature:
             if kind == "parameter":
                 values[name] = self.parameters[source]
+            elif kind == "buffer":
+                values[name] = self.buffers[source]
             elif kind == "tensor":
                 values[name] = self._distribute(name, source)
             else:
@@ -318,12 +358,17 @@ class CompiledModel:
         return path
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded parameters under every name the model uses (tied weights appear under each)."""
+        """Unsharded parameters under every name the model uses (tied weights appear under each), and
+        the persistent buffers (BatchNorm's running statistics, as training has updated them): the keys
+        of the model's own `state_dict()`."""
         out: dict[str, torch.Tensor] = {}
         for canonical, p in self.parameters.items():
             full = full_value(p.detach())
             for name in self._names[canonical]:
                 out[name] = full
+        for name, b in self.buffers.items():
+            if name in self._persistent:
+                out[name] = full_value(b.detach())
         return out
 
     # ---- setup helpers -----------------------------------------------------------------------------------
@@ -346,7 +391,14 @@ class CompiledModel:
             if spec.kind is InputKind.PARAMETER:
                 out.append((name, "parameter", canonical[name]))
             elif spec.kind is InputKind.BUFFER:
-                out.append((name, "tensor", model.get_buffer(spec.target).detach()))
+                # the program's own copy, kept across steps: in-place updates (BatchNorm's running
+                # statistics) land here, never in the user's module
+                if spec.target not in self.buffers:
+                    value = _owned_copy(model.get_buffer(spec.target).detach())
+                    self.buffers[spec.target] = distribute_tensor(value, self.mesh, spec_from_str(self._placement_of(name)))
+                    if spec.persistent:
+                        self._persistent.add(spec.target)
+                out.append((name, "buffer", spec.target))
             elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
                 out.append((name, "tensor", ep.constants[spec.target]))
             else:

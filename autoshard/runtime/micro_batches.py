@@ -10,14 +10,17 @@ must be a mean, like `F.cross_entropy`'s default.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from autoshard.errors import InputError
 from autoshard.ir.plan import Plan
 
 __all__ = ["first_micro_batch", "micro_batch_rows", "split_micro_batches"]
+
+T = TypeVar("T")
 
 
 def micro_batch_rows(plan: Plan) -> int:
@@ -25,16 +28,16 @@ def micro_batch_rows(plan: Plan) -> int:
     return plan.training.micro_batch_size * plan.axis_size("dp")
 
 
-def first_micro_batch(inputs: tuple[Any, ...], plan: Plan) -> tuple[Any, ...]:
-    """The example inputs to capture for `plan`: global-batch inputs (`num_micro_batches` micro-batches)
-    are cut to the first micro-batch; inputs already one micro-batch long are kept."""
+def first_micro_batch(inputs: T, plan: Plan) -> T:
+    """The example inputs to capture for `plan` (any nesting of tuples and dicts: positional and keyword
+    arguments alike): global-batch tensors (`num_micro_batches` micro-batches) are cut to the first
+    micro-batch; inputs already one micro-batch long are kept."""
     t = plan.training
     micro = micro_batch_rows(plan)
     if micro <= 0 or t.num_micro_batches == 1:
         return inputs
-    return tuple(
-        x[:micro] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == micro * t.num_micro_batches else x
-        for x in inputs
+    return tree_map_only(
+        torch.Tensor, lambda x: x[:micro] if x.ndim and x.shape[0] == micro * t.num_micro_batches else x, inputs
     )
 
 

@@ -58,6 +58,7 @@ from autoshard.ir.plan import Plan, Training
 from autoshard.passes.codegen import _contiguous, as_dtensor, codegen, grad_to, redistribute, use_mesh
 from autoshard.passes.recompute import block_modes, outline_blocks
 from autoshard.passes.stages import StageGraph, StageSplit, split_stages
+from autoshard.capture.calls import flatten_call
 from autoshard.runtime.micro_batches import first_micro_batch
 from autoshard.runtime.precision import autocast
 from autoshard.runtime.fsdp import ProgramScope, check_zero_mesh, full_value, replicated_over_dp, scoped_program, shard_with_fsdp
@@ -288,11 +289,11 @@ class PipelinedModel:
 
     # ---- running ------------------------------------------------------------------------------------
 
-    def train_step(self, *inputs: Any) -> float:
+    def train_step(self, *args: Any, **kwargs: Any) -> float:
         """One step on the global batch (identical on every rank): the schedule's forward and backward over
         `num_micro_batches` micro-batches, gradients to their parameters' placements, shared parameters'
         gradients summed, optimizer step. Returns the mean loss over the global batch on every rank."""
-        args, target = self._micro_batched(inputs)
+        args, target = self._micro_batched(flatten_call(self.ir.exported, args, kwargs))
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
         has_first = 0 in self.stage_ids

@@ -222,7 +222,10 @@ def _to_replicate_cost(pricer: Pricer, info: NodeInfo, option: ShardingOption) -
 
 def _input_allowed(info: NodeInfo, options: Sequence[ShardingOption], mesh: MeshSpec) -> frozenset[int]:
     """Graph inputs are split along the batch (dim 0) over dp and replicated on every other axis;
-    inputs the dp axis does not divide, and scalars, stay replicated."""
+    inputs the dp axis does not divide, and scalars, stay replicated; a non-tensor input (a constant
+    argument such as use_cache=False) has no placement."""
+    if not info.outputs:
+        return frozenset(range(len(options)))
     rank = len(info.outputs[0].shape) if info.outputs else 0
     wanted = tuple(
         Shard(0) if axis == "dp" and rank > 0 and info.outputs[0].shape[0] % size == 0 else Replicate()
