@@ -264,3 +264,48 @@ def test_gradient_accumulation_over_micro_batches_matches_single_device(fake_wor
     check_matches(model, inputs, compiled, "sgd", 0.1)
     with local_mode(), pytest.raises(autoshard.InputError, match="global batch of 8"):
         compiled.train_step(inputs[0][:6], inputs[1][:6])
+
+
+# ---- models nobody here wrote, called as their users call them (tests/zoo.py) -------------------------
+
+ZOO_CASES = [("gpt2", {"dp": 4}), ("bert", {"dp": 2, "tp": 2}), ("vit", {"dp": 4}), ("resnet", {"dp": 4})]
+
+
+@pytest.mark.parametrize(("name", "mesh"), ZOO_CASES, ids=[f"{n}-{'x'.join(map(str, m.values()))}" for n, m in ZOO_CASES])
+def test_zoo_model_with_keyword_inputs_matches_single_device(fake_world, name: str, mesh: dict) -> None:
+    """A Hugging Face model, no wrapper: keyword inputs in, its ModelOutput's loss trained on."""
+    import zoo
+
+    model, batch = zoo.build(name), zoo.inputs(name, 8)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    ref = single_device_run(model, [batch] * STEPS, lr=0.1)
+    plan = autoshard.plan_graph(autoshard.capture(model, batch), f"cpu:{WORLD}", mesh=mesh)
+    with local_mode():
+        compiled = compile(model, batch, plan=plan, lr=0.1)
+        losses = [compiled.train_step(**batch) for _ in range(STEPS)]
+        state = {n: value(t) for n, t in compiled.full_state_dict().items()}
+    for got, want in zip(losses, ref.losses, strict=True):
+        assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-5), (losses, ref.losses)
+    assert set(state) == set(ref.params) == set(before)  # every parameter and persistent buffer
+    for n, t in state.items():
+        torch.testing.assert_close(t, ref.params[n], rtol=1e-5, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    # the user's module is untouched: BatchNorm's running statistics moved only in the program's copy
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    if name == "resnet":
+        moved = [n for n in state if n.endswith("running_mean") and not torch.equal(state[n], before[n])]
+        assert moved, "training should have updated the running statistics"
+        assert "BatchNorm: 20 of 20 compute statistics over the global batch" in plan.report()
+
+
+def test_model_without_a_loss_is_refused_naming_its_outputs(fake_world) -> None:
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    with local_mode(), pytest.raises(autoshard.InputError, match=r"found one tensor \[8, 3\]: no scalar"):
+        compile(Logits(), (torch.randn(8, 4),), mesh={"dp": 4})

@@ -133,7 +133,10 @@ def find_loss(exported: ExportedProgram) -> LossOutput:
         shape = f" {list(val.shape)}" if isinstance(val, torch.Tensor) else f" = {val!r}"
         return f"{leaf_names[k]}{shape}"
 
-    found = f"{_type_name(out_spec)}({', '.join(describe(k) for k in range(len(user)))})"
+    if out_spec is not None and out_spec.is_leaf() and len(user) == 1:
+        found = "one tensor" + describe(0).removeprefix(leaf_names[0])
+    else:
+        found = f"{_type_name(out_spec)}({', '.join(describe(k) for k in range(len(user)))})"
 
     def scalar(k: int) -> bool:
         v = values[user[k]]

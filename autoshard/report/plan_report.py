@@ -83,11 +83,32 @@ def plan_report(plan: Plan, *, depth: int | None = None) -> str:
         f"  collectives per step: {_collective_counts(plan)}",
         f"  how each axis is used (share of compute time): {_axis_usage(plan)}",
     ]
+    if norms := _batch_norm_statistics(plan):
+        head.append(norms)
     table = format_table(["module", "op", "placement", "count", "compute", "comm", "memory"], rows)
     text = "\n".join(head) + "\n\n" + table
     if len(p.stage_memory) > 1:
         text += "\n\nMemory per device of each pipeline rank\n" + _stage_memory(plan)
     return text
+
+
+_BATCH_NORMS = ("aten.batch_norm.", "aten.native_batch_norm.", "aten._native_batch_norm_legit")
+
+
+def _batch_norm_statistics(plan: Plan) -> str:
+    """How the plan's BatchNorms get their statistics. A BatchNorm in training normalises by the
+    statistics of the batch it sees, so splitting its input along the batch would change the result:
+    every BatchNorm the planner accepts reads its input whole along dim 0 (gathered over dp where
+    the batch was split), so its statistics, and the running ones, are those of the global batch,
+    as synchronised BatchNorm computes them."""
+    norms = [d for d in plan.nodes if d.op.startswith(_BATCH_NORMS)]
+    if not norms:
+        return ""
+    whole = sum(1 for d in norms if d.inputs and d.inputs[0] is not None and "S(0)" not in d.inputs[0])
+    line = f"  BatchNorm: {whole} of {len(norms)} compute statistics over the global batch (synchronised over dp)"
+    if whole != len(norms):
+        line += f"; {len(norms) - whole} over a batch shard"
+    return line
 
 
 def _time(seconds: float) -> str:
