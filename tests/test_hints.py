@@ -495,3 +495,34 @@ def test_dtensor_gradient_passes_through_on_one_rank() -> None:
         assert tuple(y.placements) == (Shard(0),)
         (y.to_local() * weight).sum().backward()
         assert torch.equal(d.grad.full_tensor(), weight)
+
+
+def test_a_hint_on_a_module_forward_never_calls_is_refused() -> None:
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(6, 6)
+            self.spare = nn.Linear(6, 6)  # kept for another task; this forward never calls it
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x).sum()
+
+    import autoshard
+
+    model = WithSpare().to("meta")
+    hints.shard(model.used, in_strategy=((4, 1),))
+    autoshard.capture(model, (meta(8, 6),))  # a hint that takes effect is fine
+    hints.shard(model.spare, in_strategy=((4, 1),))
+    with pytest.raises(InputError, match=r"hint on module `spare` \(Linear\) cannot be honoured: the model's forward never called"):
+        autoshard.capture(model, (meta(8, 6),))
+
+
+def test_step_hints_on_an_operator_only_mesh_are_refused() -> None:
+    import autoshard
+    from autoshard.models import build
+
+    model = build("gpt-tiny", device="meta")
+    autoshard.recompute(model.transformer.h[0], "full")
+    idx = torch.zeros(4, 16, dtype=torch.long, device="meta")
+    with pytest.raises(InputError, match=r"recompute on transformer.h.0 hint\(s\) cannot be honoured on the operator-only mesh"):
+        autoshard.plan(model, (idx, idx), "cpu:4", mesh={"dp": 4})

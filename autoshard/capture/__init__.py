@@ -13,7 +13,7 @@ from autoshard.capture.build import build_graph_ir
 from autoshard.capture.calls import Call, as_call, find_loss
 from autoshard.capture.export import export_model
 from autoshard.capture.inputs import model_device, normalize_inputs
-from autoshard.hints import record_module_names, step_hints
+from autoshard.hints import checking_module_hints, record_module_names, step_hints
 from autoshard.ir.graph import GraphIR
 
 __all__ = ["capture"]
@@ -32,7 +32,8 @@ def capture(model: nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | N
     device = model_device(model)
     call = normalize_inputs(as_call(example_inputs, kwargs), device)
     record_module_names(model)  # so a hint refused during tracing names its module
-    exported = export_model(model, call)
+    with checking_module_hints(model):  # a module hint that never took effect is refused, not dropped
+        exported = export_model(model, call)
     ir = build_graph_ir(model, exported)
     batch = _batch_size(call)
     return dataclasses.replace(

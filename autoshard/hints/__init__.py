@@ -9,6 +9,7 @@ submodule a ``.shard(...)`` method. Every hint becomes an ``autoshard::shard`` n
 
 from autoshard.hints.modules import (
     ModuleHints,
+    checking_module_hints,
     clear_hints,
     module_hints,
     record_module_names,
@@ -25,6 +26,7 @@ __all__ = [
     "SHARD_OP",
     "DimSpec",
     "ModuleHints",
+    "checking_module_hints",
     "TensorHint",
     "clear_hints",
     "hints_in_graph",

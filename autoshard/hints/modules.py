@@ -10,10 +10,12 @@ they are checked there (at capture), naming the module.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,6 +28,7 @@ from autoshard.hints.ops import shard_tensor
 from autoshard.hints.spec import TensorHint, parse_spec
 
 __all__ = [
+    "checking_module_hints",
     "ModuleHints",
     "clear_hints",
     "module_hints",
@@ -136,6 +139,41 @@ def record_module_names(root: nn.Module) -> None:
             setattr(module, _HINTS_ATTR, dataclasses.replace(hints, name=qualname))
 
 
+_APPLIED: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar("autoshard_applied_hints", default=None)
+
+
+@contextlib.contextmanager
+def checking_module_hints(root: nn.Module) -> Iterator[None]:
+    """Around a capture of `root`: afterwards, refuse module hints that never took effect.
+
+    A hint on a module that forward never calls (a layer kept for another task, a module replaced
+    after it was hinted) would otherwise vanish without a word: the solver would never see it.
+    """
+    applied: set[int] = set()
+    token = _APPLIED.set(applied)
+    try:
+        yield
+    finally:
+        _APPLIED.reset(token)
+    unused = [
+        (name, module) for name, module in root.named_modules()
+        if module_hints(module) is not None and id(module) not in applied
+    ]
+    if unused:
+        labels = ", ".join(module_hints(m).label(m) for _, m in unused)
+        raise InputError(
+            f"the shard hint on {labels} cannot be honoured: the model's forward never called "
+            f"{'that module' if len(unused) == 1 else 'those modules'} on the example inputs; hint a module "
+            "forward runs, or remove the hint with autoshard.hints.clear_hints(module)"
+        )
+
+
+def _mark_applied(module: nn.Module) -> None:
+    applied = _APPLIED.get()
+    if applied is not None:
+        applied.add(id(module))
+
+
 def shard(obj: Any, spec: Any = None, *, in_strategy: Any = None, out_strategy: Any = None) -> Any:
     """Hint how a tensor or a module's boundary tensors should be sharded (a constraint for the solver).
 
@@ -175,6 +213,7 @@ def _apply_in_hints(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]
     hints = module_hints(module)
     if hints is None or hints.in_strategy is None:
         return None
+    _mark_applied(module)
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     label = hints.label(module)
     if len(positions) != len(hints.in_strategy):
@@ -195,6 +234,7 @@ def _apply_out_hints(module: nn.Module, args: tuple[Any, ...], output: Any) -> A
     hints = module_hints(module)
     if hints is None or hints.out_strategy is None:
         return None
+    _mark_applied(module)
     label = hints.label(module)
     single = isinstance(output, torch.Tensor)
     if not single and not isinstance(output, (tuple, list)):

@@ -132,6 +132,14 @@ def plan_graph(
             progress=progress,
         )
     operator_mesh = _checked_mesh(mesh, cluster)
+    if ir.step_hints:
+        hinted = ", ".join(f"{' and '.join(e)} on {path or 'the model'}" for path, e in ir.step_hints.items())
+        raise InputError(
+            f"the {hinted} hint(s) cannot be honoured on the operator-only mesh {dict(mesh)}: such a plan "
+            "shards operators alone, with one micro-batch, no pipeline stages and no recomputation. Add a "
+            "'pp' axis to the mesh (or pin a step decision such as recompute=...), leave the mesh to the "
+            "search, or remove the hints"
+        )
     log.info("planning %s on mesh %s", ir.model_type, operator_mesh)
     try:
         return plan_on_mesh(
