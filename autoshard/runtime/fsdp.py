@@ -287,24 +287,45 @@ def shard_with_fsdp(root: nn.Module, blocks: Sequence[nn.Module], mesh: DeviceMe
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """The whole value of a DTensor parameter or gradient, on every rank (collective).
 
-    Its dp entry is gathered first, on the 1-D dp sub-mesh: DTensor's `full_tensor` in torch 2.13
-    returns wrong values for a dp shard beside a tp `_StridedShard` of the same dim (a fused qkv under
-    FSDP + tp: measured off by 2e-2 on gpt-tiny while training itself was exact)."""
+    DTensor's `full_tensor` inverts `distribute_tensor`, which is how the plan's placements are made, and
+    is used for them: on a dim several axes shard, DTensor splits over the first axis first and over each
+    later axis inside those pieces, and gathers in the reverse order. FSDP2's dp shards are the one
+    exception: FSDP splits dp *inside* what the later axes leave and marks it `_StridedShard(dim, s)`,
+    s the later axes' split of that dim, and `full_tensor` in torch 2.13 gathers that wrongly beside a
+    tp `_StridedShard` (a fused qkv under ZeRO + tp: measured off by 2e-2 on gpt-tiny while training was
+    exact). So such a dp entry, the innermost split, is gathered first, on the 1-D dp sub-mesh, and
+    DTensor does the rest. Gathering dp first for every dp shard would be wrong for a plain Shard on dp
+    beside a shard of the same dim on a later axis: there dp is the outer split (measured off by 8e-2 on
+    gpt-tiny's position table placed (S(1), S(1)))."""
     if not isinstance(t, DTensor):
         return t
     names = tuple(t.device_mesh.mesh_dim_names or ())
-    if DP_AXIS in names and not isinstance(t.placements[names.index(DP_AXIS)], Replicate):
+    if DP_AXIS in names and _is_inner_split(t, names.index(DP_AXIS)):
         i = names.index(DP_AXIS)
         sub = t.device_mesh[DP_AXIS]
-        # over dp the local tensors split the tensor every other axis leaves this rank (FSDP shards that;
-        # its `_StridedShard` on dp only records that the other axes split first)
-        on_dp = Shard(t.placements[i].dim) if isinstance(t.placements[i], _StridedShard) else t.placements[i]
+        # over dp the local tensors split the tensor every other axis leaves this rank
         shape = _dp_shape(t, i)
+        on_dp = Shard(t.placements[i].dim)
         local = DTensor.from_local(t.to_local(), sub, (on_dp,), run_check=False, shape=shape, stride=_contiguous(shape))
         gathered = local.full_tensor()
         placements = tuple(Replicate() if k == i else p for k, p in enumerate(t.placements))
         t = DTensor.from_local(gathered, t.device_mesh, placements, run_check=False, shape=t.shape, stride=t.stride())
     return t.full_tensor()
+
+
+def _is_inner_split(t: DTensor, axis: int) -> bool:
+    """Whether `t`'s placement on `axis` is FSDP's: a `_StridedShard` whose split factor is exactly the
+    split the later axes make of its dim (its shards are then pieces of what those axes leave). A plan's
+    fused-projection `_StridedShard(dim, k)` has the projection's chunk count k instead."""
+    p = t.placements[axis]
+    if not isinstance(p, _StridedShard):
+        return False
+    later = 1
+    for k in range(axis + 1, t.device_mesh.ndim):
+        q = t.placements[k]
+        if isinstance(q, (Shard, _StridedShard)) and q.dim == p.dim:
+            later *= t.device_mesh.size(k)
+    return later > 1 and p.split_factor == later
 
 
 def _dp_shape(t: DTensor, dp_index: int) -> torch.Size:
