@@ -38,7 +38,7 @@ from autoshard.ir.plan import Plan
 from autoshard.passes.codegen import codegen, use_mesh
 from autoshard.runtime.materialize import materialize_shards
 from autoshard.runtime.precision import autocast
-from autoshard.runtime.micro_batches import first_micro_batch, split_micro_batches
+from autoshard.runtime.micro_batches import BatchLayout, first_micro_batch, split_micro_batches
 from autoshard.runtime.fsdp import (
     ProgramScope,
     before_micro_batch,
@@ -195,6 +195,7 @@ class CompiledModel:
             )
             self._names[info.name] = info.names
         self._signature = self._placeholder_sources(model, ir)
+        self._batch = BatchLayout.of(ir, plan)  # which inputs carry the batch, and the rows the plan runs
         make_optimizer = optimizer_factory(optimizer, lr, **optimizer_kwargs)
 
         self.program: ProgramScope | None = None  # the program as FSDP2 modules, under ZeRO
@@ -209,7 +210,9 @@ class CompiledModel:
     # ---- running ------------------------------------------------------------------------------------
 
     def __call__(self, *inputs: Any) -> Any:
-        """Forward on the global batch; outputs come back as full (unsharded) tensors."""
+        """Forward on one micro-batch of every replica (the global batch when the plan runs one); outputs
+        come back as full (unsharded) tensors."""
+        self._batch.check(inputs, entry="forward", micro_batches=1)
         with torch.no_grad(), self._autocast():
             outputs = self._run(inputs)
         full = tuple(o.full_tensor() if isinstance(o, DTensor) else o for o in outputs)
@@ -233,7 +236,7 @@ class CompiledModel:
         """`train_step`, with `phase(name)` entered around forward, backward and the optimizer step (so
         communication accounting can attribute each collective to its phase)."""
         phase = phase or (lambda _name: contextlib.nullcontext())
-        chunks = split_micro_batches(inputs, self.plan)
+        chunks = split_micro_batches(inputs, self._batch)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for k, chunk in enumerate(chunks):  # gradient accumulation: one backward per micro-batch

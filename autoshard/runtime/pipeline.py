@@ -58,7 +58,7 @@ from autoshard.ir.plan import Plan, Training
 from autoshard.passes.codegen import _contiguous, as_dtensor, codegen, grad_to, redistribute, use_mesh
 from autoshard.passes.recompute import block_modes, outline_blocks
 from autoshard.passes.stages import StageGraph, StageSplit, split_stages
-from autoshard.runtime.micro_batches import first_micro_batch
+from autoshard.runtime.micro_batches import BatchLayout, first_micro_batch
 from autoshard.runtime.precision import autocast
 from autoshard.runtime.fsdp import ProgramScope, check_zero_mesh, full_value, replicated_over_dp, scoped_program, shard_with_fsdp
 from autoshard.strategies.mesh import spec_from_str
@@ -210,6 +210,7 @@ class PipelinedModel:
         user_inputs = [s.arg.name for s in ir.exported.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
         self._user_inputs = user_inputs
         self._micro_shapes = {n: tuple(nodes[n].meta["val"].shape) for n in user_inputs if _is_tensor(nodes[n])}
+        self._batch = BatchLayout.of(ir, plan)  # the rows a step takes, checked as CompiledModel checks them
 
         def boundary(name: str) -> _Boundary:
             node = nodes[name]
@@ -321,8 +322,9 @@ class PipelinedModel:
                 f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), found {len(inputs)}; "
                 "pass the global batch of the same arguments as the example inputs"
             )
+        self._batch.check(inputs, entry="train_step")
         n = self.training.num_micro_batches
-        for name, x in zip(self._user_inputs, inputs, strict=True):
+        for name, x in zip(self._user_inputs, inputs, strict=True):  # the dims beyond the batch
             micro = self._micro_shapes.get(name)
             if micro is None or not isinstance(x, torch.Tensor):
                 continue
