@@ -47,6 +47,7 @@ from autoshard.runtime.fsdp import (
     replicated_over_dp,
     scoped_program,
     shard_with_fsdp,
+    unread_parameters,
 )
 from autoshard.strategies.mesh import spec_from_str
 
@@ -176,8 +177,13 @@ class CompiledModel:
         self._decisions = {d.node: d for d in plan.nodes}
         self._names: dict[str, tuple[str, ...]] = {}  # canonical parameter name -> every name (tied weights)
         self.parameters: dict[str, nn.Parameter] = {}
+        unread = unread_parameters(ir)  # replicated, held by the program, in the state dict (runtime/fsdp.py)
         specs = {
-            info.name: _param_spec(info.name, run_plan.params.get(info.name) or self._placement_of(info.nodes[0] if info.nodes else ""))
+            info.name: _param_spec(
+                info.name,
+                plan.replicated_spec() if info.name in unread
+                else run_plan.params.get(info.name) or self._placement_of(info.nodes[0] if info.nodes else ""),
+            )
             for info in ir.params
         }
         if any(p.is_meta for p in model.parameters()):

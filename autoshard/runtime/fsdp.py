@@ -67,6 +67,7 @@ __all__ = [
     "replicated_over_dp",
     "scoped_program",
     "shard_with_fsdp",
+    "unread_parameters",
     "zero_collectives",
 ]
 
@@ -97,6 +98,19 @@ def replicated_over_dp(plan: Plan) -> Plan:
         spec[dp_index] = Replicate()
         params[name] = spec_str(tuple(spec))
     return dataclasses.replace(plan, params=params)
+
+
+def unread_parameters(ir: GraphIR) -> frozenset[str]:
+    """Canonical names of the parameters no node of the captured graph reads (a GPT-J-style parallel
+    block's second norm, a head a model builds but does not call).
+
+    Eager training gives them no gradient and optimizers leave them as they are, but they are part of the
+    model's state: the runtime places them replicated (nothing reads them, so no placement is cheaper to
+    compute with, and a replica is what every checkpoint writer can read), keeps them in the program (the
+    ProgramScope holds them under ZeRO, a pipeline's first stage holds them) and writes them to every
+    state dict."""
+    readers = {n.name for n in ir.exported.graph.nodes if n.op == "placeholder" and n.users}
+    return frozenset(info.name for info in ir.params if not any(n in readers for n in info.nodes))
 
 
 class _PartialOverDp(torch.autograd.Function):
@@ -152,8 +166,9 @@ class BlockScope(nn.Module):
 
 
 class ProgramScope(nn.Module):
-    """The generated program as a module: it owns the parameters no single block owns and calls the
-    graph with them and with `values` (buffers, constants and inputs, by placeholder name)."""
+    """The generated program as a module: it owns the parameters no single block owns (those two blocks
+    share, those outside blocks, and those nothing reads: FSDP shards and gathers them as the rest) and
+    calls the graph with them and with `values` (buffers, constants and inputs, by placeholder name)."""
 
     def __init__(self, program: GraphModule, slots: Sequence[tuple[str, str | None]], params: Mapping[str, nn.Parameter]):
         super().__init__()
@@ -195,7 +210,9 @@ def scoped_program(
     recomputation) into BlockScopes and wrap the rest in a ProgramScope.
 
     `params` maps canonical parameter names to the runtime's parameters. A parameter belongs to a block
-    when only that block reads it (under any of its names); otherwise to the program."""
+    when only that block reads it (under any of its names); otherwise to the program, which also holds
+    the parameters no node of `gm` reads (`unread_parameters`; a stage's extra ones): they take no
+    gradient, and are in the state all the same."""
     outline_blocks(gm, block_modes(training, blocks, every=True), {info.name: info.module for info in ir.nodes})
     canonical = {n: info.name for info in ir.params for n in info.nodes}
     graph = gm.graph
@@ -240,7 +257,7 @@ def scoped_program(
         c = canonical.get(node.name)
         if c is None:
             slots.append((node.name, None))
-        elif not node.users:  # read by one block only: that block owns it
+        elif not node.users:  # read by one block only (that block owns it) or by none (held below)
             graph.erase_node(node)
         else:
             slots.append((node.name, attr[c]))
@@ -248,12 +265,14 @@ def scoped_program(
             owner.setdefault(c, "")
     graph.lint()
     gm.recompile()
+    for c in params:  # read by no node: held by the program, outside its slots
+        if c not in owner:
+            attr.setdefault(c, c.replace(".", "__"))
+            owned[attr[c]] = params[c]
+            owner[c] = ""
     program = ProgramScope(gm, slots, owned)
     for c, scope in owner.items():
         program.owner[c] = (getattr(gm, scope) if scope else program, attr[c])
-    for c in params:
-        if c not in program.owner:
-            raise InputError(f"parameter {c} is read by no node of the generated program; cannot place it")
     return program
 
 

@@ -60,7 +60,15 @@ from autoshard.passes.recompute import block_modes, outline_blocks
 from autoshard.passes.stages import StageGraph, StageSplit, split_stages
 from autoshard.runtime.micro_batches import BatchLayout, first_micro_batch
 from autoshard.runtime.precision import autocast
-from autoshard.runtime.fsdp import ProgramScope, check_zero_mesh, full_value, replicated_over_dp, scoped_program, shard_with_fsdp
+from autoshard.runtime.fsdp import (
+    ProgramScope,
+    check_zero_mesh,
+    full_value,
+    replicated_over_dp,
+    scoped_program,
+    shard_with_fsdp,
+    unread_parameters,
+)
 from autoshard.strategies.mesh import spec_from_str
 
 __all__ = ["PipelinedModel", "first_micro_batch"]
@@ -100,8 +108,10 @@ class _StageModule(nn.Module):
         outputs: Sequence[_Boundary],
         precision: str,
         scope: ProgramScope | None = None,
+        held: Mapping[str, nn.Parameter] | None = None,
     ) -> None:
         super().__init__()
+        held = dict(held or {})
         self.graph_module = piece.graph_module
         self.mesh = mesh
         self.precision = precision
@@ -110,6 +120,8 @@ class _StageModule(nn.Module):
             for name in piece.state:
                 if name in params:
                     self.register_parameter(name, params[name])
+            for c, p in held.items():  # read by no node: held here so the stage's state has them
+                self.register_parameter(c.replace(".", "__"), p)
         self._state = [params[n] if n in params else tensors[n] for n in piece.state]  # graph order
         self._tensors = {n: tensors[n] for n in piece.state if n not in params}
         self._input_names = piece.inputs
@@ -202,8 +214,14 @@ class PipelinedModel:
         decisions = {d.node: d for d in op_plan.nodes}
         canonical = {n: info.name for info in ir.params for n in info.nodes}
         self._names = {info.name: info.names for info in ir.params}
+        # parameters no node reads are replicated and held by stage 0, so they are trained (not at all, as
+        # in eager) and checkpointed as the rest (runtime/fsdp.py unread_parameters)
+        unread = unread_parameters(ir)
         placements = {
-            info.name: _param_spec(info.name, op_plan.params.get(info.name) or op_plan.replicated_spec())
+            info.name: _param_spec(
+                info.name,
+                op_plan.replicated_spec() if info.name in unread else op_plan.params.get(info.name) or op_plan.replicated_spec(),
+            )
             for info in ir.params
         }
         tensors = self._state_tensors(model, nodes, decisions)
@@ -226,19 +244,16 @@ class PipelinedModel:
         self.modules: list[_StageModule] = []
         for sid in self.stage_ids:
             piece = self.split.stages[sid]
-            params: dict[str, nn.Parameter] = {}
             by_canonical: dict[str, nn.Parameter] = {}
-            for name in piece.state:
-                if name not in canonical:
-                    continue
-                c = canonical[name]
+            held = sorted(unread) if sid == 0 else []  # read by no placeholder of any stage
+            for c in [*(canonical[n] for n in piece.state if n in canonical), *held]:
                 if c not in by_canonical:
                     full = _owned_copy(model.get_parameter(c).detach())
                     by_canonical[c] = nn.Parameter(
                         distribute_tensor(full, self.operator_mesh, placements[c]),
                         requires_grad=model.get_parameter(c).requires_grad,
                     )
-                params[name] = by_canonical[c]
+            params = {n: by_canonical[canonical[n]] for n in piece.state if n in canonical}
             self.stage_params[sid] = by_canonical
             inputs = [
                 spec_from_str(_placement(decisions, n, op_plan)) if sid == 0 else boundary(n) for n in piece.inputs
@@ -247,7 +262,10 @@ class PipelinedModel:
             scope = None
             if t.zero_stage:
                 scope = scoped_program(piece.graph_module, ir, t, by_canonical, t.stage_blocks(sid))
-            module = _StageModule(piece, self.operator_mesh, params, tensors, inputs, outputs, t.precision, scope)
+            held_params = {c: by_canonical[c] for c in held}
+            module = _StageModule(
+                piece, self.operator_mesh, params, tensors, inputs, outputs, t.precision, scope, held_params
+            )
             if scope is not None:  # each block, then the stage: FSDP groups; the stage is what pipelining sees
                 shard_with_fsdp(module, scope.blocks(), self.operator_mesh, t.zero_stage)
                 self.stage_params[sid] = {c: scope.parameter(c) for c in by_canonical}

@@ -17,7 +17,7 @@ __all__ = ["SingleDeviceRun", "single_device_losses", "single_device_run"]
 
 class SingleDeviceRun(NamedTuple):
     losses: list[float]  # one per step
-    first_grads: dict[str, torch.Tensor]  # after the first backward, by parameter name
+    first_grads: dict[str, torch.Tensor]  # after the first backward, by parameter name (none for a parameter nothing reads)
     params: dict[str, torch.Tensor]  # after the last step, under every name (tied weights under each)
 
 
@@ -37,7 +37,7 @@ def single_device_run(
         loss = model(*batch)
         loss.backward()
         if step == 0:
-            first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         losses.append(loss.item())
     params = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
