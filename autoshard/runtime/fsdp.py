@@ -18,7 +18,8 @@ map onto FSDP2's settings:
 FSDP2 groups parameters by module, and the generated program is one flat graph; so `scoped_program`
 outlines every block (`plan.training.blocks`) into a `BlockScope`, a module that owns the parameters only
 that block reads and runs the block's graph (through checkpoint when it recomputes). The `ProgramScope`
-around the graph owns the rest (embeddings, the head, a parameter two blocks share). Each scope is one
+around the graph owns the rest (embeddings, the head, a parameter two blocks share, a parameter no node
+reads). Each scope is one
 FSDP group: one all-gather and one reduce-scatter per block, as FSDP is used on hand-written models.
 
 Two settings differ from FSDP's defaults, both for exactness: the generated backward's gradients are

@@ -33,7 +33,8 @@ Shared parameters: a parameter read by two stages (GPT's tied wte / lm_head) get
 backward the copies' gradients are summed (over the pp axis; Megatron's embedding all-reduce), so every
 copy takes the same optimizer step and the copies stay equal.
 
-Rank semantics: `parameters` holds the parameters of this rank's stages (for a shared one, its first copy);
+Rank semantics: `parameters` holds the parameters of this rank's stages (for a shared one, its first copy;
+the parameters no node reads are stage 0's);
 `full_state_dict()` is collective and returns every stage's parameters, unsharded, on every rank.
 """
 

@@ -76,6 +76,7 @@ CASES: dict[str, Case] = {
     "dp-zero1": Case({"dp": 4}, {"zero_stage": 1}, comm_matches=True),
     "dp-zero2": Case({"dp": 4}, {"zero_stage": 2}, comm_matches=True),
     "dp-zero3": Case({"dp": 4}, {"zero_stage": 3}, comm_matches=True),
+    "dp-zero3-adamw": Case({"dp": 4}, {"zero_stage": 3}, "adamw"),
     "dp2xtp2-zero1": Case(DP2TP2, {"zero_stage": 1}, comm_matches=True),
     "dp2xtp2-zero2": Case(DP2TP2, {"zero_stage": 2}, comm_matches=True),
     "dp2xtp2-zero3": Case(DP2TP2, {"zero_stage": 3}),
