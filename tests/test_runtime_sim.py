@@ -276,8 +276,8 @@ class WeightedMLP(MLP):
 
 @pytest.mark.parametrize("model_name", ["mlp", "weighted-mlp"])
 def test_a_batch_the_plan_cannot_split_is_refused_where_it_enters(fake_world, model_name: str) -> None:
-    """dp=4 over a batch of 8: 3 rows leave one rank without a row (its mean was NaN, and train_step
-    returned it), 6 rows split unevenly; both are refused by train_step and forward, naming the input,
+    """dp=4 over a batch of 8: 3 rows leave one rank without a row, 6 rows split unevenly (before the
+    check train_step returned a loss for both); both are refused by train_step and forward, naming the input,
     its rows and the rows the plan takes. The batch the plan was made for still trains as one device."""
     torch.manual_seed(0)
     if model_name == "mlp":
