@@ -66,6 +66,37 @@ class SkipModel(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+class UnusedParamsModel(SkipModel):
+    """SkipModel with parameters no node reads, as GPT-J-style parallel blocks leave a norm unused: a
+    LayerNorm beside the model and one inside each block (its own module, never called), and a Linear.
+    Eager training gives them no gradient and leaves them as they are; they are still the model's state."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, n_layer: int = 4) -> None:
+        super().__init__(vocab, dim, n_layer)
+        self.unused_norm = nn.LayerNorm(dim)
+        self.unused_proj = nn.Linear(dim, dim)
+        for block in self.blocks:
+            block.add_module("ln_unused", nn.LayerNorm(dim))  # nn.Sequential would call it: kept out of the loop below
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x0 = self.embed(idx)  # (B, T, C)
+        x = x0
+        for block in self.blocks:
+            x = x + block[1](block[0](x))  # Linear, Tanh; not the block's ln_unused
+        logits = self.head(x + x0)  # (B, T, vocab)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def unused_problems(state: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """Where a state dict lacks a parameter nothing reads (its name says "unused") or holds another value
+    than the model's own (eager training leaves them as they are)."""
+    problems = []
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if "unused" in n and (n not in state or not torch.equal(state[n], p.detach())):
+            problems.append(f"unread parameter {n}: {'missing from the state dict' if n not in state else 'changed'}")
+    return problems
+
+
 def block_paths(model: nn.Module) -> tuple[str, ...]:
     """Module paths of the repeated blocks: GPT's transformer.h.i, LLaMA's layers.i, SkipModel's blocks.i."""
     if hasattr(model, "transformer"):

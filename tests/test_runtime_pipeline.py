@@ -8,7 +8,8 @@ gpt-tiny and llama-tiny with pp=2 x dp=2 under GPipe, 1F1B and interleaved 1F1B 
 stages per rank), and pp=2 x tp=2 (Megatron split) under 1F1B; a toy model whose embedding output
 skips two stages (passed through) under interleaved 1F1B; pipelining combined with ZeRO 1/2/3 (each
 rank holding its 1/dp shares), per-block selective and full recomputation (on tp too), and bf16-mixed
-(against fp32 within bf16 rounding); and plans made by the solver, one with ZeRO-1 and recomputation.
+(against fp32 within bf16 rounding); and plans made by the solver, one with ZeRO-1 and recomputation; a model with parameters no node reads,
+held by stage 0 and in the state dict unchanged, without ZeRO and with ZeRO-1.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ CASES = (
     "gpt-solver-1f1b", "llama-solver-gpipe",
     "gpt-zero1", "gpt-zero2-interleaved", "gpt-zero3", "llama-zero2", "llama-zero3-interleaved",
     "gpt-recompute", "llama-recompute-tp-interleaved", "gpt-zero1-recompute", "gpt-bf16-zero1",
-    "gpt-solver-zero1-selective",
+    "gpt-solver-zero1-selective", "unused-1f1b", "unused-zero1",
 )  # fmt: skip
 
 pytestmark = pytest.mark.slow

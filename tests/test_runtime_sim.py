@@ -262,7 +262,7 @@ def test_gradient_accumulation_over_micro_batches_matches_single_device(fake_wor
     with local_mode():
         compiled = compile(model, inputs, plan=plan, optimizer="sgd", lr=0.1)
     check_matches(model, inputs, compiled, "sgd", 0.1)
-    with local_mode(), pytest.raises(autoshard.InputError, match="global batch of 8"):
+    with local_mode(), pytest.raises(autoshard.InputError, match="exactly 8 rows"):
         compiled.train_step(inputs[0][:6], inputs[1][:6])
 
 
@@ -309,3 +309,34 @@ def test_model_without_a_loss_is_refused_naming_its_outputs(fake_world) -> None:
 
     with local_mode(), pytest.raises(autoshard.InputError, match=r"found one tensor \[8, 3\]: no scalar"):
         compile(Logits(), (torch.randn(8, 4),), mesh={"dp": 4})
+
+
+class WeightedMLP(MLP):
+    """MLP whose squared error is weighted per feature by `w` (16,): a tensor input without a batch dim,
+    beside the batch, so the inputs disagree on dim 0."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (((self.fc2(torch.relu(self.fc1(x))) - y) ** 2) * w).mean()
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "weighted-mlp"])
+def test_a_batch_the_plan_cannot_split_is_refused_where_it_enters(fake_world, model_name: str) -> None:
+    """dp=4 over a batch of 8: 3 rows leave one rank without a row, 6 rows split unevenly (before the
+    check train_step returned a loss for both); both are refused by train_step and forward, naming the input,
+    its rows and the rows the plan takes. The batch the plan was made for still trains as one device."""
+    torch.manual_seed(0)
+    if model_name == "mlp":
+        model, inputs = MLP(), (torch.randn(8, 16), torch.randn(8, 16))
+    else:
+        model, inputs = WeightedMLP(), (torch.randn(8, 16), torch.randn(8, 16), torch.rand(16))
+    ir = autoshard.capture(model, inputs)
+    plan = autoshard.plan_graph(ir, f"cpu:{WORLD}", mesh={"dp": WORLD}, optimizer="sgd")
+    with local_mode():
+        compiled = compile(model, inputs, plan=plan, optimizer="sgd", lr=0.1)
+        for rows in (3, 6):
+            short = (inputs[0][:rows], inputs[1][:rows], *inputs[2:])  # the weights keep their 16 entries
+            with pytest.raises(autoshard.InputError, match=rf"input x \(argument 0\) has {rows} rows.*exactly 8 rows"):
+                compiled.train_step(*short)
+            with pytest.raises(autoshard.InputError, match=rf"forward .*exactly 8 rows"):
+                compiled(*short)
+    check_matches(model, inputs, compiled, "sgd", 0.1)

@@ -39,7 +39,7 @@ from autoshard.ir.plan import Plan
 from autoshard.passes.codegen import codegen, use_mesh
 from autoshard.runtime.materialize import materialize_shards
 from autoshard.runtime.precision import autocast
-from autoshard.runtime.micro_batches import first_micro_batch, split_micro_batches
+from autoshard.runtime.micro_batches import BatchLayout, first_micro_batch, split_micro_batches
 from autoshard.runtime.fsdp import (
     ProgramScope,
     before_micro_batch,
@@ -48,6 +48,7 @@ from autoshard.runtime.fsdp import (
     replicated_over_dp,
     scoped_program,
     shard_with_fsdp,
+    unread_parameters,
 )
 from autoshard.strategies._dtensor import outside_local_tensor_mode
 from autoshard.strategies.mesh import spec_from_str
@@ -197,8 +198,13 @@ class CompiledModel:
         self._decisions = {d.node: d for d in plan.nodes}
         self._names: dict[str, tuple[str, ...]] = {}  # canonical parameter name -> every name (tied weights)
         self.parameters: dict[str, nn.Parameter] = {}
+        unread = unread_parameters(ir)  # replicated, held by the program, in the state dict (runtime/fsdp.py)
         specs = {
-            info.name: _param_spec(info.name, run_plan.params.get(info.name) or self._placement_of(info.nodes[0] if info.nodes else ""))
+            info.name: _param_spec(
+                info.name,
+                plan.replicated_spec() if info.name in unread
+                else run_plan.params.get(info.name) or self._placement_of(info.nodes[0] if info.nodes else ""),
+            )
             for info in ir.params
         }
         if any(p.is_meta for p in model.parameters()):
@@ -222,6 +228,7 @@ class CompiledModel:
         self._user_outputs = [
             i for i, o in enumerate(ir.exported.graph_signature.output_specs) if o.kind is OutputKind.USER_OUTPUT
         ]
+        self._batch = BatchLayout.of(ir, plan)  # which inputs carry the batch, and the rows the plan runs
         make_optimizer = optimizer_factory(optimizer, lr, **optimizer_kwargs)
 
         self.program: ProgramScope | None = None  # the program as FSDP2 modules, under ZeRO
@@ -236,10 +243,13 @@ class CompiledModel:
     # ---- running ------------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward on the global batch, called as the model is; the model's outputs come back as full
-        (unsharded) tensors, in the model's own structure (a ModelOutput, a tuple, a tensor)."""
+        """Forward on one micro-batch of every replica (the global batch when the plan runs one), called
+        as the model is; the model's outputs come back as full (unsharded) tensors, in the model's own
+        structure (a ModelOutput, a tuple, a tensor)."""
+        inputs = self._flat(args, kwargs)
+        self._batch.check(inputs, entry="forward", micro_batches=1)
         with torch.no_grad(), self._autocast():
-            outputs = self._run(self._flat(args, kwargs))
+            outputs = self._run(inputs)
         full = [o.full_tensor() if isinstance(o, DTensor) else o for o in outputs]
         return torch.utils._pytree.tree_unflatten([full[i] for i in self._user_outputs], self.ir.exported.call_spec.out_spec)
 
@@ -271,7 +281,7 @@ class CompiledModel:
         """`train_step`, with `phase(name)` entered around forward, backward and the optimizer step (so
         communication accounting can attribute each collective to its phase)."""
         phase = phase or (lambda _name: contextlib.nullcontext())
-        chunks = split_micro_batches(inputs, self.plan)
+        chunks = split_micro_batches(inputs, self._batch)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for k, chunk in enumerate(chunks):  # gradient accumulation: one backward per micro-batch

@@ -18,7 +18,8 @@ map onto FSDP2's settings:
 FSDP2 groups parameters by module, and the generated program is one flat graph; so `scoped_program`
 outlines every block (`plan.training.blocks`) into a `BlockScope`, a module that owns the parameters only
 that block reads and runs the block's graph (through checkpoint when it recomputes). The `ProgramScope`
-around the graph owns the rest (embeddings, the head, a parameter two blocks share). Each scope is one
+around the graph owns the rest (embeddings, the head, a parameter two blocks share, a parameter no node
+reads). Each scope is one
 FSDP group: one all-gather and one reduce-scatter per block, as FSDP is used on hand-written models.
 
 Two settings differ from FSDP's defaults, both for exactness: the generated backward's gradients are
@@ -67,6 +68,7 @@ __all__ = [
     "replicated_over_dp",
     "scoped_program",
     "shard_with_fsdp",
+    "unread_parameters",
     "zero_collectives",
 ]
 
@@ -97,6 +99,19 @@ def replicated_over_dp(plan: Plan) -> Plan:
         spec[dp_index] = Replicate()
         params[name] = spec_str(tuple(spec))
     return dataclasses.replace(plan, params=params)
+
+
+def unread_parameters(ir: GraphIR) -> frozenset[str]:
+    """Canonical names of the parameters no node of the captured graph reads (a GPT-J-style parallel
+    block's second norm, a head a model builds but does not call).
+
+    Eager training gives them no gradient and optimizers leave them as they are, but they are part of the
+    model's state: the runtime places them replicated (nothing reads them, so no placement is cheaper to
+    compute with, and a replica is what every checkpoint writer can read), keeps them in the program (the
+    ProgramScope holds them under ZeRO, a pipeline's first stage holds them) and writes them to every
+    state dict."""
+    readers = {n.name for n in ir.exported.graph.nodes if n.op == "placeholder" and n.users}
+    return frozenset(info.name for info in ir.params if not any(n in readers for n in info.nodes))
 
 
 class _PartialOverDp(torch.autograd.Function):
@@ -152,8 +167,9 @@ class BlockScope(nn.Module):
 
 
 class ProgramScope(nn.Module):
-    """The generated program as a module: it owns the parameters no single block owns and calls the
-    graph with them and with `values` (buffers, constants and inputs, by placeholder name)."""
+    """The generated program as a module: it owns the parameters no single block owns (those two blocks
+    share, those outside blocks, and those nothing reads: FSDP shards and gathers them as the rest) and
+    calls the graph with them and with `values` (buffers, constants and inputs, by placeholder name)."""
 
     def __init__(self, program: GraphModule, slots: Sequence[tuple[str, str | None]], params: Mapping[str, nn.Parameter]):
         super().__init__()
@@ -195,7 +211,9 @@ def scoped_program(
     recomputation) into BlockScopes and wrap the rest in a ProgramScope.
 
     `params` maps canonical parameter names to the runtime's parameters. A parameter belongs to a block
-    when only that block reads it (under any of its names); otherwise to the program."""
+    when only that block reads it (under any of its names); otherwise to the program, which also holds
+    the parameters no node of `gm` reads (`unread_parameters`; a stage's extra ones): they take no
+    gradient, and are in the state all the same."""
     outline_blocks(gm, block_modes(training, blocks, every=True), {info.name: info.module for info in ir.nodes})
     canonical = {n: info.name for info in ir.params for n in info.nodes}
     graph = gm.graph
@@ -240,7 +258,7 @@ def scoped_program(
         c = canonical.get(node.name)
         if c is None:
             slots.append((node.name, None))
-        elif not node.users:  # read by one block only: that block owns it
+        elif not node.users:  # read by one block only (that block owns it) or by none (held below)
             graph.erase_node(node)
         else:
             slots.append((node.name, attr[c]))
@@ -248,12 +266,14 @@ def scoped_program(
             owner.setdefault(c, "")
     graph.lint()
     gm.recompile()
+    for c in params:  # read by no node: held by the program, outside its slots
+        if c not in owner:
+            attr.setdefault(c, c.replace(".", "__"))
+            owned[attr[c]] = params[c]
+            owner[c] = ""
     program = ProgramScope(gm, slots, owned)
     for c, scope in owner.items():
         program.owner[c] = (getattr(gm, scope) if scope else program, attr[c])
-    for c in params:
-        if c not in program.owner:
-            raise InputError(f"parameter {c} is read by no node of the generated program; cannot place it")
     return program
 
 
@@ -287,24 +307,45 @@ def shard_with_fsdp(root: nn.Module, blocks: Sequence[nn.Module], mesh: DeviceMe
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """The whole value of a DTensor parameter or gradient, on every rank (collective).
 
-    Its dp entry is gathered first, on the 1-D dp sub-mesh: DTensor's `full_tensor` in torch 2.13
-    returns wrong values for a dp shard beside a tp `_StridedShard` of the same dim (a fused qkv under
-    FSDP + tp: measured off by 2e-2 on gpt-tiny while training itself was exact)."""
+    DTensor's `full_tensor` inverts `distribute_tensor`, which is how the plan's placements are made, and
+    is used for them: on a dim several axes shard, DTensor splits over the first axis first and over each
+    later axis inside those pieces, and gathers in the reverse order. FSDP2's dp shards are the one
+    exception: FSDP splits dp *inside* what the later axes leave and marks it `_StridedShard(dim, s)`,
+    s the later axes' split of that dim, and `full_tensor` in torch 2.13 gathers that wrongly beside a
+    tp `_StridedShard` (a fused qkv under ZeRO + tp: measured off by 2e-2 on gpt-tiny while training was
+    exact). So such a dp entry, the innermost split, is gathered first, on the 1-D dp sub-mesh, and
+    DTensor does the rest. Gathering dp first for every dp shard would be wrong for a plain Shard on dp
+    beside a shard of the same dim on a later axis: there dp is the outer split (measured off by 8e-2 on
+    gpt-tiny's position table placed (S(1), S(1)))."""
     if not isinstance(t, DTensor):
         return t
     names = tuple(t.device_mesh.mesh_dim_names or ())
-    if DP_AXIS in names and not isinstance(t.placements[names.index(DP_AXIS)], Replicate):
+    if DP_AXIS in names and _is_inner_split(t, names.index(DP_AXIS)):
         i = names.index(DP_AXIS)
         sub = t.device_mesh[DP_AXIS]
-        # over dp the local tensors split the tensor every other axis leaves this rank (FSDP shards that;
-        # its `_StridedShard` on dp only records that the other axes split first)
-        on_dp = Shard(t.placements[i].dim) if isinstance(t.placements[i], _StridedShard) else t.placements[i]
+        # over dp the local tensors split the tensor every other axis leaves this rank
         shape = _dp_shape(t, i)
+        on_dp = Shard(t.placements[i].dim)
         local = DTensor.from_local(t.to_local(), sub, (on_dp,), run_check=False, shape=shape, stride=_contiguous(shape))
         gathered = local.full_tensor()
         placements = tuple(Replicate() if k == i else p for k, p in enumerate(t.placements))
         t = DTensor.from_local(gathered, t.device_mesh, placements, run_check=False, shape=t.shape, stride=t.stride())
     return t.full_tensor()
+
+
+def _is_inner_split(t: DTensor, axis: int) -> bool:
+    """Whether `t`'s placement on `axis` is FSDP's: a `_StridedShard` whose split factor is exactly the
+    split the later axes make of its dim (its shards are then pieces of what those axes leave). A plan's
+    fused-projection `_StridedShard(dim, k)` has the projection's chunk count k instead."""
+    p = t.placements[axis]
+    if not isinstance(p, _StridedShard):
+        return False
+    later = 1
+    for k in range(axis + 1, t.device_mesh.ndim):
+        q = t.placements[k]
+        if isinstance(q, (Shard, _StridedShard)) and q.dim == p.dim:
+            later *= t.device_mesh.size(k)
+    return later > 1 and p.split_factor == later
 
 
 def _dp_shape(t: DTensor, dp_index: int) -> torch.Size:

@@ -33,7 +33,8 @@ Shared parameters: a parameter read by two stages (GPT's tied wte / lm_head) get
 backward the copies' gradients are summed (over the pp axis; Megatron's embedding all-reduce), so every
 copy takes the same optimizer step and the copies stay equal.
 
-Rank semantics: `parameters` holds the parameters of this rank's stages (for a shared one, its first copy);
+Rank semantics: `parameters` holds the parameters of this rank's stages (for a shared one, its first copy;
+the parameters no node reads are stage 0's);
 `full_state_dict()` is collective and returns every stage's parameters, unsharded, on every rank.
 """
 
@@ -59,9 +60,17 @@ from autoshard.passes.codegen import _contiguous, as_dtensor, codegen, grad_to, 
 from autoshard.passes.recompute import block_modes, outline_blocks
 from autoshard.passes.stages import StageGraph, StageSplit, split_stages
 from autoshard.capture.calls import flatten_call
-from autoshard.runtime.micro_batches import first_micro_batch
+from autoshard.runtime.micro_batches import BatchLayout, first_micro_batch
 from autoshard.runtime.precision import autocast
-from autoshard.runtime.fsdp import ProgramScope, check_zero_mesh, full_value, replicated_over_dp, scoped_program, shard_with_fsdp
+from autoshard.runtime.fsdp import (
+    ProgramScope,
+    check_zero_mesh,
+    full_value,
+    replicated_over_dp,
+    scoped_program,
+    shard_with_fsdp,
+    unread_parameters,
+)
 from autoshard.strategies.mesh import spec_from_str
 
 __all__ = ["PipelinedModel", "first_micro_batch"]
@@ -101,8 +110,10 @@ class _StageModule(nn.Module):
         outputs: Sequence[_Boundary],
         precision: str,
         scope: ProgramScope | None = None,
+        held: Mapping[str, nn.Parameter] | None = None,
     ) -> None:
         super().__init__()
+        held = dict(held or {})
         self.graph_module = piece.graph_module
         self.mesh = mesh
         self.precision = precision
@@ -111,6 +122,8 @@ class _StageModule(nn.Module):
             for name in piece.state:
                 if name in params:
                     self.register_parameter(name, params[name])
+            for c, p in held.items():  # read by no node: held here so the stage's state has them
+                self.register_parameter(c.replace(".", "__"), p)
         self._state = [params[n] if n in params else tensors[n] for n in piece.state]  # graph order
         self._tensors = {n: tensors[n] for n in piece.state if n not in params}
         self._input_names = piece.inputs
@@ -203,14 +216,21 @@ class PipelinedModel:
         decisions = {d.node: d for d in op_plan.nodes}
         canonical = {n: info.name for info in ir.params for n in info.nodes}
         self._names = {info.name: info.names for info in ir.params}
+        # parameters no node reads are replicated and held by stage 0, so they are trained (not at all, as
+        # in eager) and checkpointed as the rest (runtime/fsdp.py unread_parameters)
+        unread = unread_parameters(ir)
         placements = {
-            info.name: _param_spec(info.name, op_plan.params.get(info.name) or op_plan.replicated_spec())
+            info.name: _param_spec(
+                info.name,
+                op_plan.replicated_spec() if info.name in unread else op_plan.params.get(info.name) or op_plan.replicated_spec(),
+            )
             for info in ir.params
         }
         tensors = self._state_tensors(model, nodes, decisions)
         user_inputs = [s.arg.name for s in ir.exported.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
         self._user_inputs = user_inputs
         self._micro_shapes = {n: tuple(nodes[n].meta["val"].shape) for n in user_inputs if _is_tensor(nodes[n])}
+        self._batch = BatchLayout.of(ir, plan)  # the rows a step takes, checked as CompiledModel checks them
 
         def boundary(name: str) -> _Boundary:
             node = nodes[name]
@@ -226,19 +246,16 @@ class PipelinedModel:
         self.modules: list[_StageModule] = []
         for sid in self.stage_ids:
             piece = self.split.stages[sid]
-            params: dict[str, nn.Parameter] = {}
             by_canonical: dict[str, nn.Parameter] = {}
-            for name in piece.state:
-                if name not in canonical:
-                    continue
-                c = canonical[name]
+            held = sorted(unread) if sid == 0 else []  # read by no placeholder of any stage
+            for c in [*(canonical[n] for n in piece.state if n in canonical), *held]:
                 if c not in by_canonical:
                     full = _owned_copy(model.get_parameter(c).detach())
                     by_canonical[c] = nn.Parameter(
                         distribute_tensor(full, self.operator_mesh, placements[c]),
                         requires_grad=model.get_parameter(c).requires_grad,
                     )
-                params[name] = by_canonical[c]
+            params = {n: by_canonical[canonical[n]] for n in piece.state if n in canonical}
             self.stage_params[sid] = by_canonical
             inputs = [
                 spec_from_str(_placement(decisions, n, op_plan)) if sid == 0 else boundary(n) for n in piece.inputs
@@ -247,7 +264,10 @@ class PipelinedModel:
             scope = None
             if t.zero_stage:
                 scope = scoped_program(piece.graph_module, ir, t, by_canonical, t.stage_blocks(sid))
-            module = _StageModule(piece, self.operator_mesh, params, tensors, inputs, outputs, t.precision, scope)
+            held_params = {c: by_canonical[c] for c in held}
+            module = _StageModule(
+                piece, self.operator_mesh, params, tensors, inputs, outputs, t.precision, scope, held_params
+            )
             if scope is not None:  # each block, then the stage: FSDP groups; the stage is what pipelining sees
                 shard_with_fsdp(module, scope.blocks(), self.operator_mesh, t.zero_stage)
                 self.stage_params[sid] = {c: scope.parameter(c) for c in by_canonical}
@@ -322,8 +342,9 @@ class PipelinedModel:
                 f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), found {len(inputs)}; "
                 "pass the global batch of the same arguments as the example inputs"
             )
+        self._batch.check(inputs, entry="train_step")
         n = self.training.num_micro_batches
-        for name, x in zip(self._user_inputs, inputs, strict=True):
+        for name, x in zip(self._user_inputs, inputs, strict=True):  # the dims beyond the batch
             micro = self._micro_shapes.get(name)
             if micro is None or not isinstance(x, torch.Tensor):
                 continue

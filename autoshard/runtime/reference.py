@@ -21,7 +21,7 @@ Batch = tuple[Any, ...] | Mapping[str, Any]
 
 class SingleDeviceRun(NamedTuple):
     losses: list[float]  # one per step
-    first_grads: dict[str, torch.Tensor]  # after the first backward, by parameter name
+    first_grads: dict[str, torch.Tensor]  # after the first backward, by parameter name (none for a parameter nothing reads)
     params: dict[str, torch.Tensor]  # the state dict after the last step: parameters under every name
     # (tied weights under each) and persistent buffers (BatchNorm's running statistics)
 
@@ -43,7 +43,7 @@ def single_device_run(
         loss = eager_loss(model(**batch) if isinstance(batch, Mapping) else model(*batch))
         loss.backward()
         if step == 0:
-            first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         losses.append(loss.item())
     params = {n: t.detach().clone() for n, t in model.state_dict().items()}

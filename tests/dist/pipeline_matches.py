@@ -33,9 +33,11 @@ from autoshard.runtime.reference import single_device_run  # noqa: E402
 from pipeline_plans import (  # noqa: E402
     MatmulDtypes,
     SkipModel,
+    UnusedParamsModel,
     max_diff,
     pipelined_plan,
     reference_problems,
+    unused_problems,
     zero_holdings,
 )
 
@@ -57,6 +59,9 @@ CASES: dict[str, tuple] = {
     "llama-tp": ("llama-tiny", None, "1f1b", 1, {"tp": 2}),
     # the embedding's output skips stages 1 and 2 to reach the head on stage 3 (ranks 0 -> 1 -> 0 -> 1)
     "skip-interleaved": ("skip", 4, "interleaved-1f1b", 2, {"dp": 2}),
+    # parameters no node reads (pipeline_plans.UnusedParamsModel): held by stage 0, in the state dict
+    "unused-1f1b": ("unused", 4, "1f1b", 1, {"dp": 2}),
+    "unused-zero1": ("unused", 4, "1f1b", 1, {"dp": 2}, {"zero_stage": 1}),
     # planned by the solver itself (autoshard.plan with pp pinned), not assembled by the test
     "gpt-solver-1f1b": ("gpt-tiny", None, "1f1b", 1, {"dp": 2}),
     "llama-solver-gpipe": ("llama-tiny", None, "gpipe", 1, {"dp": 2}),
@@ -78,8 +83,8 @@ CASES: dict[str, tuple] = {
 
 def make(preset: str, layers: int | None) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
-    if preset == "skip":
-        model: nn.Module = SkipModel(n_layer=layers or 4)
+    if preset in ("skip", "unused"):
+        model: nn.Module = (SkipModel if preset == "skip" else UnusedParamsModel)(n_layer=layers or 4)
         vocab = model.embed.num_embeddings
     else:
         model = build(preset, device="cpu", **({"n_layer": layers} if layers else {}))
@@ -152,6 +157,7 @@ def check(name: str, models: dict) -> dict:
             if not torch.allclose(full, ref_params[c], rtol=RTOL, atol=ATOL):
                 problems.append(f"stage {sid}'s copy of {c}: max |diff| {max_diff(full, ref_params[c]):.3g}")
     problems += reference_problems(losses, grads, params, ref, rtol=RTOL, atol=ATOL)
+    problems += unused_problems(params, model)
     if "tp" in mesh and not any("S" in spec for spec in plan.params.values()):
         problems.append("the tensor-parallel plan shards no parameter")
     return {
@@ -223,7 +229,7 @@ def check_bf16(compiled, batches: list, ref_losses: list[float], ref_params: dic
 
 def bad_inputs(models: dict) -> dict:
     """A global batch that is not num_micro_batches x the planned micro-batch is refused before any
-    communication, with a message naming both."""
+    communication, with a message naming the input, its rows and the rows the plan takes."""
     model, batches, _ = models[("gpt-tiny", None)]
     micro = tuple(x[:MICRO] for x in batches[0])
     plan = shared_plan(model, micro, "gpipe", 1, {"dp": 2})
@@ -231,7 +237,7 @@ def bad_inputs(models: dict) -> dict:
     try:
         compiled.train_step(*(x[:6] for x in batches[0]))
     except InputError as e:
-        return {"ok": "(8, 16)" in str(e) and "(6, 16)" in str(e), "problems": [str(e)]}
+        return {"ok": "input idx" in str(e) and "6 rows" in str(e) and "exactly 8 rows" in str(e), "problems": [str(e)]}
     return {"ok": False, "problems": ["a batch of 6 sequences for 4 micro-batches of 2 was accepted"]}
 
 

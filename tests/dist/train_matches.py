@@ -34,7 +34,7 @@ from autoshard.runtime.fsdp import full_value  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
 from autoshard.runtime.reference import SingleDeviceRun, single_device_run  # noqa: E402
 from autoshard.solver.blocks import fold_blocks  # noqa: E402
-from pipeline_plans import TP_SPLITS, max_diff, reference_problems, zero_holdings  # noqa: E402  (Megatron's column/row split per model family)
+from pipeline_plans import TP_SPLITS, UnusedParamsModel, max_diff, reference_problems, unused_problems, zero_holdings  # noqa: E402  (Megatron's column/row split per model family)
 
 STEPS = 3
 LR = {"sgd": 0.1, "adamw": 1e-2}  # AdamW's steps are ~lr each: 1e-2 moves every weight well beyond the tolerance
@@ -76,6 +76,7 @@ CASES: dict[str, Case] = {
     "dp-zero1": Case({"dp": 4}, {"zero_stage": 1}, comm_matches=True),
     "dp-zero2": Case({"dp": 4}, {"zero_stage": 2}, comm_matches=True),
     "dp-zero3": Case({"dp": 4}, {"zero_stage": 3}, comm_matches=True),
+    "dp-zero3-adamw": Case({"dp": 4}, {"zero_stage": 3}, "adamw"),
     "dp2xtp2-zero1": Case(DP2TP2, {"zero_stage": 1}, comm_matches=True),
     "dp2xtp2-zero2": Case(DP2TP2, {"zero_stage": 2}, comm_matches=True),
     "dp2xtp2-zero3": Case(DP2TP2, {"zero_stage": 3}),
@@ -98,6 +99,7 @@ MODELS = {
     "gpt-tiny": {},
     "llama-tiny": {},
     "gpt-odd": {"preset": "gpt-tiny", "vocab_size": 131, "block_size": 18},
+    "unused": {"preset": "unused"},  # pipeline_plans.UnusedParamsModel: parameters no node reads
 }
 
 
@@ -116,8 +118,9 @@ def forced(case: Case, model_name: str = "gpt-tiny") -> dict[str, tuple[Placemen
 def make(model_name: str = "gpt-tiny") -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     overrides = dict(MODELS[model_name])
     torch.manual_seed(0)
-    model = build(overrides.pop("preset", model_name), device="cpu", **overrides)
-    vocab = model.config.vocab_size
+    preset = overrides.pop("preset", model_name)
+    model = UnusedParamsModel() if preset == "unused" else build(preset, device="cpu", **overrides)
+    vocab = model.embed.num_embeddings if preset == "unused" else model.config.vocab_size
     batches = [(torch.randint(0, vocab, (4, 16)), torch.randint(0, vocab, (4, 16))) for _ in range(STEPS)]
     return model, batches
 
@@ -153,6 +156,11 @@ def check(name: str, model: nn.Module, batches: list, ref: SingleDeviceRun) -> d
         plan = shared_plan(model, batches[0], case, model_name or "gpt-tiny")
         compiled = autoshard.compile(model, batches[0], plan=plan, **options)
     mesh = dict(plan.mesh)
+    # before any step the state is the model's own, exactly: every placement gathered as it was split
+    initial = compiled.full_state_dict()
+    own = dict(model.named_parameters(remove_duplicate=False))
+    problems = [f"state dict after compile lacks {sorted(set(own) - set(initial))}"] if set(own) - set(initial) else []
+    problems += [f"state dict after compile: {n} differs from the model's" for n in own if n in initial and not torch.equal(initial[n], own[n].detach())]
     losses, grads = [], {}
     for step, batch in enumerate(batches):
         losses.append(compiled.train_step(*batch))
@@ -160,12 +168,13 @@ def check(name: str, model: nn.Module, batches: list, ref: SingleDeviceRun) -> d
             grads = {n: full_value(g) for n, g in compiled.gradients().items()}
     params = compiled.full_state_dict()
     param_atol = ADAMW_PARAM_ATOL if case.optimizer == "adamw" else ATOL
-    problems = reference_problems(losses, grads, params, ref, rtol=RTOL, atol=ATOL, param_atol=param_atol)
+    problems += reference_problems(losses, grads, params, ref, rtol=RTOL, atol=ATOL, param_atol=param_atol)
+    problems += unused_problems(params, model)
     sharded = sorted(n for n, spec in compiled.plan.params.items() if "S" in spec)
     if "tp" in mesh and not sharded:
         problems.append("the tensor-parallel plan shards no parameter")
-    if set(grads) != set(compiled.parameters):
-        problems.append(f"gradients missing: {sorted(set(compiled.parameters) - set(grads))}")
+    if set(grads) != {n for n in compiled.parameters if n in ref_grads}:  # nothing for a parameter no node reads
+        problems.append(f"gradients differ from the reference's: {sorted(set(compiled.parameters) ^ set(grads))}")
     stage = plan.training.zero_stage
     problems += zero_holdings(compiled.parameters, stage)
     for n, p in compiled.parameters.items():  # AdamW's moments: the shape of what the optimizer steps
