@@ -226,7 +226,7 @@ class PipelinedModel:
             )
             for info in ir.params
         }
-        tensors = self._state_tensors(model, nodes, decisions)
+        tensors = self._tensors = self._state_tensors(model, nodes, decisions)
         user_inputs = [s.arg.name for s in ir.exported.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
         self._user_inputs = user_inputs
         self._micro_shapes = {n: tuple(nodes[n].meta["val"].shape) for n in user_inputs if _is_tensor(nodes[n])}
@@ -414,8 +414,13 @@ class PipelinedModel:
         )
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every stage's parameters, unsharded, under every name the model uses, on every rank (collective)."""
+        """Every stage's parameters, unsharded, under every name the model uses, and the persistent
+        buffers as the stage that reads them holds them, on every rank (collective)."""
         mine = {c: full_value(p.detach()) for c, p in sorted(self.parameters.items())}
+        read = {n for sid in self.stage_ids for n in self.split.stages[sid].state}
+        buffers = {self._buffer_names[n]: full_value(self._tensors[n].detach()) for n in sorted(read) if n in self._buffer_names}
+        gathered_buffers: list[Any] = [None] * self.training.pp
+        dist.all_gather_object(gathered_buffers, buffers, group=self.pp_group)
         gathered: list[Any] = [None] * self.training.pp
         dist.all_gather_object(gathered, mine, group=self.pp_group)
         out: dict[str, torch.Tensor] = {}
@@ -423,17 +428,26 @@ class PipelinedModel:
             for c, full in part.items():
                 for name in self._names[c]:
                     out.setdefault(name, full)
+        for part in gathered_buffers:
+            for name, full in part.items():
+                out.setdefault(name, full)
         return out
 
     # ---- setup helpers ------------------------------------------------------------------------------
 
     def _state_tensors(self, model: nn.Module, nodes: Mapping[str, Node], decisions: Mapping[str, Any]) -> dict[str, DTensor]:
         """Buffers and lifted constants as DTensors with their planned placements (every stage may read them)."""
+        from autoshard.runtime.compiled import _owned_copy
+
         ep = self.ir.exported
         out: dict[str, DTensor] = {}
+        self._buffer_names: dict[str, str] = {}  # placeholder -> the model's name, persistent buffers only
         for spec in ep.graph_signature.input_specs:
             if spec.kind is InputKind.BUFFER:
-                value = model.get_buffer(spec.target).detach()
+                # the program's own copy: in-place updates (BatchNorm's running statistics) land here
+                value = _owned_copy(model.get_buffer(spec.target).detach())
+                if spec.persistent:
+                    self._buffer_names[spec.arg.name] = spec.target
             elif spec.kind is InputKind.CONSTANT_TENSOR:
                 value = ep.constants[spec.target]
             else:
