@@ -89,8 +89,8 @@ RULES: tuple[ExclusionRule, ...] = (
         placement="self (input 0) Replicate on a mesh axis where the output is Partial",
         what=(
             "the in-place add keeps self's Replicate placement and does not reduce other's Partial: the "
-            "values are wrong (R.add_(P(avg)) on 4 ranks is neither a + b nor the same on every gloo rank); "
-            "out-of-place add with the same placements is right (HF ResNet's `hidden_state += residual`)"
+            "values are wrong (R.add_(P(avg)) gives a + 4b, not a + b, on the simulated 4-rank world, and "
+            "a value other than a + b on 4 gloo ranks); out-of-place add with the same placements is right (HF ResNet's `hidden_state += residual`)"
         ),
         torch_versions=("2.13",),
         pattern=_partial_into_replicated_self,
