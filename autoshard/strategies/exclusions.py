@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from autoshard.strategies.mesh import MeshSpec, Partial, Replicate, Shard
+from autoshard.strategies.mesh import MeshSpec, Partial, Shard
 
 if TYPE_CHECKING:
     from autoshard.strategies.options import ShardingOption
@@ -66,10 +66,12 @@ def _batch_split_twice(option: ShardingOption, mesh: MeshSpec | None) -> bool:
     return sum(1 for axis, p in enumerate(spec) if _split(p, axis, mesh) and p.dim == 0) >= 2
 
 
-def _partial_into_replicated_self(option: ShardingOption, mesh: MeshSpec | None) -> bool:
-    """On some mesh axis the in-place op's self (input 0) is Replicate and its output is Partial."""
+def _partial_into_unreduced_self(option: ShardingOption, mesh: MeshSpec | None) -> bool:
+    """The in-place op's output is Partial on some mesh axis while self (input 0) is Partial on none.
+
+    (With self Partial somewhere, DTensor redistributes self and the values come out right.)"""
     self_spec, out = option.inputs[0] or (), option.output[0] or ()
-    return any(type(s) is Replicate and type(o) is Partial for s, o in zip(self_spec, out))
+    return any(type(o) is Partial for o in out) and not any(type(s) is Partial for s in self_spec)
 
 
 RULES: tuple[ExclusionRule, ...] = (
@@ -86,14 +88,14 @@ RULES: tuple[ExclusionRule, ...] = (
     ),
     ExclusionRule(
         op=aten.add_.Tensor,
-        placement="self (input 0) Replicate on a mesh axis where the output is Partial",
+        placement="output Partial on some mesh axis, self (input 0) Partial on none",
         what=(
-            "the in-place add keeps self's Replicate placement and does not reduce other's Partial: the "
+            "the in-place add keeps self's placement and does not reduce other's Partial: the "
             "values are wrong (R.add_(P(avg)) gives a + 4b, not a + b, on the simulated 4-rank world, and "
             "a value other than a + b on 4 gloo ranks); out-of-place add with the same placements is right (HF ResNet's `hidden_state += residual`)"
         ),
         torch_versions=("2.13",),
-        pattern=_partial_into_replicated_self,
+        pattern=_partial_into_unreduced_self,
     ),
     ExclusionRule(
         op=aten.conv2d.default,
