@@ -28,7 +28,10 @@ from torch.fx import Interpreter, Node
 from autoshard.ir.signature import arg_signature
 from autoshard.strategies import MeshSpec, ShardingOption, spec_str
 
-__all__ = ["WORLD", "Captured", "assemble", "backward_problem", "capture_values", "coords", "piece", "signature"]
+__all__ = [
+    "WORLD", "Captured", "MseMLP", "assemble", "backward_problem", "capture_mse_mlp", "capture_reference",
+    "capture_values", "capture_zoo", "coords", "mse_batch", "piece", "signature", "signature_seed",
+]
 
 WORLD = 4
 RTOL = ATOL = 1e-4

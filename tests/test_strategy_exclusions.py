@@ -90,7 +90,9 @@ def _node(cap: sim.Captured, op: object) -> torch.fx.Node:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", exclusions.RULES, ids=lambda r: str(r.op))
-def test_each_excluded_option_is_still_wrong_on_this_torch(fake_world, without_exclusions, rule) -> None:
+def test_each_excluded_option_is_still_wrong_on_this_torch(
+    fake_world: None, without_exclusions: None, rule: exclusions.ExclusionRule
+) -> None:
     assert rule.op in WITNESSES, f"rule for {rule.op} has no witness graph in WITNESSES"
     cap = WITNESSES[rule.op]()
     node = _node(cap, rule.op)
@@ -139,7 +141,7 @@ def test_planner_feeds_mse_loss_no_sharded_batch_on_dp4() -> None:
     assert inputs and all(s is not None and "S(" not in s for s in inputs), inputs
 
 
-def test_without_the_table_the_planner_would_shard_the_mse_batch(without_exclusions) -> None:
+def test_without_the_table_the_planner_would_shard_the_mse_batch(without_exclusions: None) -> None:
     """Control for the test above: the batch-sharded mse_loss is what the planner picks when offered."""
     x, y = sim.mse_batch(rows=64)
     plan = autoshard.plan(sim.MseMLP(), (x, y), "cpu:4", mesh={"dp": 4})
