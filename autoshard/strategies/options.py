@@ -8,7 +8,7 @@ Then they are filtered to what the planner and runtime handle: placements Shard 
 Partial(sum|avg) only (no `_StridedShard`, no P(max|min), no `_MaskPartial`), even sharding only for
 inputs and outputs, duplicates removed, and a deterministic order (replicated first).
 
-Excluded on purpose:
+Excluded on purpose (besides the DTensor rules found wrong, listed in strategies/exclusions.py):
 - vocab-parallel embedding (weight S(0)): DTensor models it with `_MaskPartial`, whose mask buffer is
   state shared between the input and output redistributions; a raw local embedding on global ids is
   out of range. The planner would need a masked-embedding kernel to use it, so it is not offered.
@@ -32,7 +32,7 @@ import torch
 from torch.fx import Node
 from torch.utils._pytree import tree_map
 
-from autoshard.strategies import _dtensor
+from autoshard.strategies import _dtensor, exclusions
 from autoshard.ir.signature import arg_signature
 from autoshard.strategies.fused_split import fused_split_options
 from autoshard.strategies.mesh import (
@@ -179,6 +179,7 @@ def _compute_options(
     for pos, slot in enumerate(alias):
         if alias.index(slot) == pos:
             opts = _collapse_free_input(opts, slot, _specs(in_shapes[pos], mesh, True))
+    opts = exclusions.filter_options(op, opts, mesh)  # DTensor rules the ground truth found wrong
     return tuple(sorted(opts, key=_order_key))
 
 
