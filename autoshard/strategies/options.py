@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -32,6 +34,7 @@ import torch
 from torch.fx import Node
 from torch.utils._pytree import tree_map
 
+from autoshard.errors import ShardingError
 from autoshard.strategies import _dtensor
 from autoshard.ir.signature import arg_signature
 from autoshard.strategies.fused_split import fused_split_options
@@ -47,9 +50,10 @@ from autoshard.strategies.mesh import (
     is_even,
     normalize_spec,
     spec_str,
+    trivial_axis_ok,
 )
 
-__all__ = ["ShardingOption", "clear_option_cache", "node_options", "option_cache_info"]
+__all__ = ["ShardingOption", "clear_option_cache", "node_options", "node_source", "option_cache_info"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -153,8 +157,28 @@ def _call_options(node: Node, mesh: MeshSpec) -> tuple[ShardingOption, ...]:
     key = (op, arg_signature(args), arg_signature(kwargs), alias, len(inputs), out_shapes, mesh)
     hit = _OPTIONS.get(key)
     if hit is None:
-        hit = _OPTIONS[key] = _compute_options(op, args, kwargs, node.meta.get("val"), alias, len(inputs), mesh)
+        try:
+            hit = _compute_options(op, args, kwargs, node.meta.get("val"), alias, len(inputs), mesh)
+        except Exception as exc:  # noqa: BLE001 - DTensor's private strategy code raises anything
+            where = node_source(node)
+            raise ShardingError(
+                f"node {node.name} ({op}){' at ' + where if where else ''}: expected at least one sharding "
+                f"option on mesh {mesh}, found none ({type(exc).__name__}: {exc}). DTensor's rule for this op "
+                "rejects every placement autoshard offers; report the op and line, or rewrite that line "
+                "with ops DTensor supports"
+            ) from exc
+        _OPTIONS[key] = hit
     return hit
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def node_source(node: Node) -> str:
+    """"file:line" of the deepest frame of the user's code (not torch's) that created `node`, or ""."""
+    frames = [f for f in _FRAME.findall(node.meta.get("stack_trace") or "") if not f[0].startswith(_TORCH_DIR)]
+    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else ""
 
 
 # Caches keyed by hashable signatures (args hold meta tensors and dicts, so not functools caches).
@@ -174,7 +198,7 @@ def _compute_options(
         if opt is not None:
             seen.setdefault(opt, None)
     if not seen:
-        raise AssertionError(f"{op}: no sharding option survived filtering on {mesh}")
+        raise _dtensor.NoStrategy(f"{op}: none of DTensor's {len(rows)} options survived filtering on {mesh}")
     opts = list(seen)
     for pos, slot in enumerate(alias):
         if alias.index(slot) == pos:
@@ -300,6 +324,8 @@ def _spec_ok(spec: Spec, shape: tuple[int, ...], mesh: MeshSpec) -> bool:
         return False
     if len({p.reduce_op for p in spec if type(p) is Partial}) > 1:
         return False  # P(sum) on one axis and P(avg) on another: legal in DTensor, never needed here
+    if not trivial_axis_ok(spec, mesh):
+        return False  # S / P over a size-1 axis is Replicate; the all-R row stands for it
     return is_even(shape, spec, mesh)
 
 
