@@ -7,7 +7,7 @@ catch autoshard's own complaints apart from bugs.
 
 from __future__ import annotations
 
-__all__ = ["AutoshardError", "CaptureError", "InputError"]
+__all__ = ["AutoshardError", "CaptureError", "InputError", "ShardingError"]
 
 
 class AutoshardError(Exception):
@@ -20,3 +20,8 @@ class InputError(AutoshardError, TypeError):
 
 class CaptureError(AutoshardError):
     """torch.export could not capture the model; the message names the module and source line."""
+
+
+class ShardingError(AutoshardError):
+    """No sharding option of a node could be read or kept; the message names the node, its op and the
+    user's source line. It means autoshard (or DTensor) lacks a rule for the op: report it with the line."""

@@ -252,3 +252,50 @@ def test_step_hints_inside_a_block_or_going_backwards_are_refused() -> None:
     autoshard.pipeline_stage(model.transformer.h[1], 0)
     with pytest.raises(autoshard.InputError, match="backwards"):
         autoshard.plan(model, tokens(16, 64), "a100-80g:8")
+
+
+# ---- micro-batch sizes the model cannot run; batches smaller than dp ---------------------------------
+
+
+class NeedsTwo(torch.nn.Module):
+    """Train-mode BatchNorm on a 1x1 map (HF ResNet's last stage): capture fails at batch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.bn = torch.nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x)[:, :, None, None]).square().mean()
+
+
+def test_a_micro_batch_size_the_model_cannot_capture_is_skipped_with_its_reason(caplog) -> None:
+    with torch.device("meta"):
+        model = NeedsTwo()
+    with caplog.at_level("WARNING", logger="autoshard.solver.step_search"):
+        plan = autoshard.plan(model, (torch.zeros(4, 8, device="meta"),), cpu(2))
+    assert plan.training.micro_batch_size >= 2
+    reasons = [a["reason"] for a in plan.alternatives if a["config"].endswith("mbs1")]
+    assert reasons and all("cannot be captured at batch 1" in r and "BatchNorm" in r for r in reasons)
+    assert "skipping micro-batch size 1" in caplog.text
+
+
+def test_no_capturable_micro_batch_size_lists_the_reasons() -> None:
+    with torch.device("meta"):
+        model = NeedsTwo()
+    with pytest.raises(autoshard.NoFeasiblePlan, match="every .* failed: .*mbs1: the model cannot be captured at batch 1"):
+        autoshard.plan(model, (torch.zeros(2, 8, device="meta"),), cpu(2), micro_batch_size=1)
+
+
+def test_a_batch_smaller_than_dp_plans_without_that_dp() -> None:
+    ir = autoshard.capture(build("gpt-tiny", device="meta"), tokens(2, 16))
+    plan = autoshard.plan_graph(ir, cpu(4))
+    assert plan.axis_size("dp") in (1, 2) and plan.training.micro_batch_size >= 1
+    assert not any("dp4" in a["config"] for a in plan.alternatives)  # never considered, not even as a loser
+
+
+@pytest.mark.parametrize("mesh", [{"dp": 4}, {"dp": 4, "pp": 1}])
+def test_a_pinned_dp_that_does_not_divide_the_batch_is_refused(mesh) -> None:
+    ir = autoshard.capture(build("gpt-tiny", device="meta"), tokens(2, 16))
+    with pytest.raises(autoshard.InputError, match=r"dp=4, which does not divide the example batch of 2 .* among \[1, 2\]"):
+        autoshard.plan_graph(ir, cpu(4), mesh=mesh)

@@ -251,3 +251,53 @@ def test_backward_transition_follows_megatron() -> None:
     assert backward_transition((S(0),), (R,), [(S(1),)], shape, 4, m) == (
         CommStep(axis="tp", collective="reduce_scatter", full_bytes=8 * 64 * 4),
     )
+
+
+# ------------------------------------------------------------------------------- size-1 mesh axes
+
+
+class Expands(nn.Module):
+    """HF's patterns that DTensor's view/expand strategy raised KeyError on over a size-1 axis: a mask
+    expanded from size-1 dims (causal mask), repeat_kv's expand+reshape, ViT's cls_token.expand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        mask = torch.ones(1, 1, 4, 4, dtype=torch.bool, device=x.device).expand(b, 1, 4, 4)
+        kv = x[:, :, None, :, :].expand(b, 2, 2, 4, 8).reshape(b, 4, 4, 8)
+        cls = self.cls.expand(b, -1, -1)
+        return kv.masked_fill(~mask[:, :, :, :1], 0.0).sum() + cls.sum()
+
+
+@pytest.mark.parametrize("mesh", [{"dp": 1}, {"dp": 1, "tp": 2}, {"tp": 2, "dp": 1}])
+def test_a_size_1_axis_offers_only_replicate_and_expands_enumerate(mesh: dict[str, int]) -> None:
+    with torch.device("meta"):
+        model = Expands()
+    g = torch.export.export(model, (torch.zeros(2, 2, 4, 8, device="meta"),), strict=False).graph
+    spec = MeshSpec.of(mesh)
+    one = spec.names.index("dp")
+    for n in g.nodes:
+        for o in node_options(n, spec):  # raised KeyError from DTensor's expand strategy before
+            for s in (*o.output, *o.inputs):
+                assert s is None or s[one] == R, (n.name, str(o))
+    assert any(n.target == aten.expand.default for n in g.nodes)
+
+
+def test_a_strategy_that_refuses_everything_names_the_node(graph: torch.fx.Graph, monkeypatch) -> None:
+    from autoshard.errors import ShardingError
+    from autoshard.strategies import _dtensor
+
+    def refuse(*args, **kwargs):
+        raise KeyError(0)  # what DTensor's private view strategy raised
+
+    n = nodes(graph, aten.view.default)[0]
+    monkeypatch.setitem(_dtensor._propagator().op_strategy_funcs, aten.view.default, refuse)
+    clear_option_cache()
+    try:
+        with pytest.raises(ShardingError, match=rf"node {n.name} \(aten.view.default\) at .*test_strategies.py:\d+"):
+            node_options(n, TP8)
+    finally:
+        clear_option_cache()

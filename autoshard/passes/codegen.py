@@ -13,6 +13,13 @@ Other rewrites, each needed because the graph was captured on meta tensors for o
 - factory ops (`arange`, ...) get the runtime's device and their plain output becomes a DTensor with its
   planned placement (DTensor refuses to mix plain tensors and DTensors);
 - scaled_dot_product_attention runs on local shards (DTensor's CPU path mixes in a plain mask tensor);
+- an op DTensor has no rule for (strategies/options.runs_locally_replicated; the plan holds it fully
+  replicated) runs on the local replicated tensors through `run_replicated`;
+- no op relies on a stride that the eager run happened to have: `aten.view` (and `_unsafe_view`) become
+  `aten.reshape`, the same values, copying only where a view is impossible. Export can drop a
+  `.contiguous()` whose input was already contiguous on the capture device (nanoGPT's
+  `y.transpose(1, 2).contiguous().view(B, T, C)` after SDPA), and local-shard attention returns another
+  layout at run time;
 - a chunk of a `_StridedShard(d, k)` tensor (fused qkv, see strategies/fused_split.py) is done locally:
   DTensor has no rule for it and would all-gather;
 - blocks planned with recomputation (`plan.training.recompute`) outlined into submodules called through
@@ -39,6 +46,7 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.fx import Graph, GraphModule, Node
+from torch.utils._pytree import tree_leaves, tree_map
 
 from autoshard.errors import InputError
 from autoshard.hints.ops import SHARD_OP
@@ -46,6 +54,8 @@ from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan, PlannedCollective
 from autoshard.passes.recompute import block_modes, outline_blocks
 from autoshard.report.table import format_count
+from autoshard.strategies.executable import unexecutable_reason
+from autoshard.strategies.options import runs_locally_replicated
 from autoshard.strategies.mesh import Spec, spec_from_str, spec_str
 
 __all__ = [
@@ -56,12 +66,16 @@ __all__ = [
     "local_attention",
     "local_chunk",
     "redistribute",
+    "run_replicated",
     "use_mesh",
 ]
 
 _ASSERT_META = torch.ops.aten._assert_tensor_metadata.default
 _CHUNK = torch.ops.aten.chunk.default
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
+# views whose kernel needs viewable strides; reshape gives the same values on any layout
+_STRIDE_BOUND_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+_RESHAPE = torch.ops.aten.reshape.default
 
 _MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("autoshard_mesh", default=None)
 
@@ -145,14 +159,9 @@ def local_chunk(x: DTensor, chunks: int, dim: int, placements: str) -> tuple[DTe
     communication (DTensor itself would gather first). `to_local`/`from_local` carry autograd.
     """
     spec = _spec(placements)
-    dim = dim % x.ndim
-    shape = list(x.shape)
-    shape[dim] //= chunks
-    pieces = x.to_local().chunk(chunks, dim)
-    return tuple(
-        DTensor.from_local(p, x.device_mesh, spec, run_check=False, shape=torch.Size(shape), stride=_contiguous(shape))
-        for p in pieces
-    )
+    pieces = x.to_local().chunk(chunks, dim % x.ndim)
+    # global shape and stride derived from each piece's real (strided) layout, not claimed contiguous
+    return tuple(DTensor.from_local(p, x.device_mesh, spec, run_check=False) for p in pieces)
 
 
 @torch.fx.wrap
@@ -175,11 +184,43 @@ def local_attention(q: DTensor, k: DTensor, v: DTensor, *args: Any, **kwargs: An
         args = tuple(a.full_tensor() if isinstance(a, DTensor) else a for a in args)
         kwargs = {n: a.full_tensor() if isinstance(a, DTensor) else a for n, a in kwargs.items()}
     out = torch.ops.aten.scaled_dot_product_attention.default(q.to_local(), k.to_local(), v.to_local(), *args, **kwargs)
-    shape = (*q.shape[:-1], v.shape[-1])
-    return DTensor.from_local(out, q.device_mesh, spec, run_check=False, shape=torch.Size(shape), stride=_contiguous(shape))
+    # no shape/stride given: DTensor derives the global ones from the local output's real layout (the
+    # local kernel's layout is its own, not the one the capture recorded; claiming contiguous would lie)
+    return DTensor.from_local(out, q.device_mesh, spec, run_check=False)
+
+
+@torch.fx.wrap
+def run_replicated(op: Any, *args: Any, **kwargs: Any) -> Any:
+    """`op` on the local values of replicated DTensors, its tensor results as replicated DTensors.
+
+    For ops DTensor has no sharding rule for (strategies/options.runs_locally_replicated): the plan
+    holds their inputs and outputs replicated, so every rank computes the whole result from the same
+    values. `to_local` / `from_local` carry autograd (the gradient comes back replicated).
+    """
+    meshes = [a.device_mesh for a in tree_leaves((args, kwargs)) if isinstance(a, DTensor)]
+    mesh = meshes[0] if meshes else _MESH.get()
+    if mesh is None:
+        raise InputError(f"expected a device mesh to run {op} replicated, found no DTensor input and no mesh set")
+
+    def local(x: Any) -> Any:
+        if not isinstance(x, DTensor):
+            return x
+        if not all(isinstance(p, Replicate) for p in x.placements):
+            raise InputError(
+                f"expected the inputs of {op} (no DTensor rule, run replicated) to be replicated, found "
+                f"{spec_str(tuple(x.placements))}; the plan must hold them replicated"
+            )
+        return x.to_local()
+
+    out = op(*tree_map(local, args), **tree_map(local, kwargs))
+    replicated = (Replicate(),) * mesh.ndim
+    return tree_map(
+        lambda t: DTensor.from_local(t, mesh, replicated, run_check=False) if isinstance(t, torch.Tensor) else t, out
+    )
 
 
 def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
+    """Row-major strides of `shape` (runtime/fsdp.py and runtime/pipeline.py import it from here)."""
     stride, acc = [], 1
     for s in reversed(shape):
         stride.append(acc)
@@ -214,6 +255,7 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
             "capture the model with autoshard.capture"
         )
     plan.check_graph(ir)
+    _check_executable(ir, plan)
     gm = copy.deepcopy(ir.exported.graph_module)
     graph = gm.graph
     graph._codegen = torch.fx.graph.CodeGen()  # plain positional forward(params..., inputs...)
@@ -260,8 +302,8 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
             node.replace_input_with(src, cache[key])
 
     _finish_outputs(graph, produced, comments, plan)
-    _rewrite_special_nodes(graph, decisions, device)
-    graph.eliminate_dead_code()
+    _rewrite_special_nodes(graph, decisions, device, comments)
+    graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
     graph.on_generate_code(lambda previous: _commenter(graph, comments, previous))
     gm.recompile()
@@ -275,6 +317,31 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
     gm.meta["redistributions"] = tuple(inserted)
     gm.meta["plan_mesh"] = dict(plan.mesh)
     return gm
+
+
+def _is_impure(node: Node) -> bool:
+    """FX's impurity, and an in-place op run through `run_replicated` (its result may be unused: the
+    mutation is the point, as in T5's `shifted[:, 0].fill_(start_token)`)."""
+    if node.target is run_replicated:
+        return node.args[0]._schema.is_mutable
+    return node.is_impure()
+
+
+def _check_executable(ir: GraphIR, plan: Plan) -> None:
+    """Refuse a plan holding an option DTensor's dispatch cannot run (the planner never offers one; a
+    hand-edited or stale plan might)."""
+    nodes = {n.name: n for n in ir.exported.graph_module.graph.nodes}
+    for d in plan.nodes:
+        node = nodes.get(d.node)
+        if node is None or node.op != "call_function":
+            continue
+        specs = tuple(None if s is None else spec_from_str(s) for s in d.inputs)
+        reason = unexecutable_reason(node.target, specs)
+        if reason is not None:
+            raise InputError(
+                f"plan node {d.node} ({d.op}) takes inputs {list(d.inputs)}: {reason}; expected a plan the "
+                "runtime can execute: plan again with this version of autoshard"
+            )
 
 
 def _force_planned_gradient(graph: Graph, node: Node, src: Node, have: str, plan: Plan, comments: dict[str, str]) -> None:
@@ -312,7 +379,7 @@ def _finish_outputs(graph: Graph, produced: Any, comments: dict[str, str], plan:
         output.replace_input_with(src, new)
 
 
-def _rewrite_special_nodes(graph: Graph, decisions: dict, device: str) -> None:
+def _rewrite_special_nodes(graph: Graph, decisions: dict, device: str, comments: dict[str, str]) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -323,6 +390,12 @@ def _rewrite_special_nodes(graph: Graph, decisions: dict, device: str) -> None:
             graph.erase_node(node)
         elif node.target is _SDPA:
             node.target = local_attention
+        elif node.target in _STRIDE_BOUND_VIEWS:
+            node.target = _RESHAPE  # same values; no reliance on the eager run's strides
+        elif runs_locally_replicated(node):
+            comments[node.name] = f"no DTensor rule for {node.target}: runs on the local replicated tensors"
+            node.args = (node.target, *node.args)
+            node.target = run_replicated
         elif node.target is _CHUNK and _is_strided_chunk(decisions.get(node.name)):
             d = decisions[node.name]
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)

@@ -28,7 +28,7 @@ from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import PRECISIONS, RECOMPUTE, SCHEDULES, Plan
 from autoshard.report.table import format_count
 from autoshard.solver.planner import plan_on_mesh
-from autoshard.solver.step_search import Fixed, search_step
+from autoshard.solver.step_search import Fixed, check_dp_divides_batch, search_step
 from autoshard.solver.problem import NoFeasiblePlan
 from autoshard.strategies import MeshSpec
 
@@ -140,6 +140,8 @@ def plan_graph(
             "'pp' axis to the mesh (or pin a step decision such as recompute=...), leave the mesh to the "
             "search, or remove the hints"
         )
+    if ir.batch_size is not None:
+        check_dp_divides_batch(ir.batch_size, mesh)
     log.info("planning %s on mesh %s", ir.model_type, operator_mesh)
     try:
         return plan_on_mesh(

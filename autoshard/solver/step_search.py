@@ -27,7 +27,7 @@ from typing import Any
 from torch.distributed.tensor import Placement
 
 from autoshard.cost_model import Cluster
-from autoshard.errors import InputError
+from autoshard.errors import CaptureError, InputError
 from autoshard.hints import block_hints, hints_in_graph
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import RECOMPUTE, Plan, Prediction, Training
@@ -38,7 +38,7 @@ from autoshard.solver.problem import NoFeasiblePlan
 from autoshard.solver.training import Chain, StepEstimate, chain_of, estimate_step, split_blocks
 from autoshard.strategies import MeshSpec
 
-__all__ = ["Config", "search_step"]
+__all__ = ["Config", "check_dp_divides_batch", "search_step"]
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def search_step(
     evaluated: list[tuple[Config, StepEstimate]] = []
     skipped: list[tuple[str, str]] = []
     splits: dict[tuple[object, ...], tuple[int, ...]] = {}
-    meshes = _meshes(cluster, len(blocks), fixed.mesh)
+    check_dp_divides_batch(ir.batch_size, fixed.mesh)
+    meshes = _meshes(cluster, len(blocks), fixed.mesh, ir.batch_size)
     if pinned_stages is not None:
         meshes = [(dp, tp, pp) for dp, tp, pp in meshes if pp == len(pinned_stages)]
         if not meshes:
@@ -129,16 +130,16 @@ def search_step(
                 "change the hints or the mesh"
             )
     for dp, tp, pp in meshes:
-        if ir.batch_size % dp:
-            skipped.append((f"dp{dp} tp{tp} pp{pp}", f"the batch of {ir.batch_size} does not split over dp={dp}"))
-            continue
         replica = ir.batch_size // dp
         for mbs in _micro_batch_sizes(replica, pp, fixed.micro_batch_size):
             m = replica // mbs
             try:
                 chain = chains.get(tp, mbs)
-            except (NoFeasiblePlan, InputError) as exc:
-                skipped.append((f"tp{tp} mbs{mbs}", str(exc).splitlines()[0]))
+            except (NoFeasiblePlan, InputError, CaptureError) as exc:
+                where, reason = f"tp{tp} mbs{mbs}", str(exc).splitlines()[0]
+                if (where, reason) not in skipped:
+                    skipped.append((where, reason))
+                    log.warning("skipping micro-batch size %d (tp=%d): %s", mbs, tp, reason)
                 continue
             for schedule, v in _schedules(pp, m, len(blocks), fixed.schedule):
                 if pinned_stages is not None and v > 1:
@@ -158,6 +159,16 @@ def search_step(
                         )
                         evaluated.append((config, estimate))
     say(f"priced {len(evaluated):,} configurations")
+    if not evaluated:
+        reasons = "; ".join(f"{where}: {reason}" for where, reason in skipped) or "no mesh was considered"
+        raise NoFeasiblePlan(
+            f"expected at least one configuration of {ir.model_type} to price on {cluster}, found none: "
+            f"every (tp, micro-batch size) failed: {reasons}. Fix what the reasons name (a model that cannot "
+            "run a small micro-batch, e.g. train-mode BatchNorm on 1x1 maps, needs a larger batch), or pin "
+            "micro_batch_size to a size it runs",
+            minimum_memory=math.inf,
+            memory_limit=limit,
+        )
     fits = sorted(((c, e) for c, e in evaluated if e.peak_memory_bytes <= limit), key=_preference)
     if not fits:
         smallest = min((e.peak_memory_bytes for _, e in evaluated), default=math.inf)
@@ -169,10 +180,22 @@ def search_step(
             minimum_memory=smallest,
             memory_limit=limit,
         )
-    best, estimate = fits[0]
-    say(f"best: {best.describe()}: {estimate.step_time_s:.3g} s per step; solving its operator plan on dp x tp")
-    plan = _final_plan(ir, cluster, best, estimate, chains, optimizer, precision, limit, blocks, time_limit_s,
-                       _modes(best.recompute, pinned_modes))
+    for best, estimate in fits:
+        say(f"best: {best.describe()}: {estimate.step_time_s:.3g} s per step; solving its operator plan on dp x tp")
+        try:
+            plan = _final_plan(ir, cluster, best, estimate, chains, optimizer, precision, limit, blocks,
+                               time_limit_s, _modes(best.recompute, pinned_modes))
+            break
+        except CaptureError as exc:  # the batch of one micro-batch of all replicas cannot be captured
+            skipped.append((best.describe(), str(exc).splitlines()[0]))
+            log.warning("skipping %s: %s", best.describe(), skipped[-1][1])
+    else:
+        raise NoFeasiblePlan(
+            f"expected one of the {len(fits):,} configurations that fit to capture at its micro-batch of all "
+            f"replicas, found none could: {'; '.join(f'{w}: {r}' for w, r in skipped)}",
+            minimum_memory=math.inf,
+            memory_limit=limit,
+        )
     alternatives = _alternatives(best, estimate, evaluated, limit) + [
         {"config": where, "reason": reason} for where, reason in skipped
     ]
@@ -191,8 +214,21 @@ def _preference(ce: tuple[Config, StepEstimate]) -> tuple[float, ...]:
 # ---- the search space --------------------------------------------------------------------------------
 
 
-def _meshes(cluster: Cluster, n_blocks: int, mesh: Mapping[str, int] | None) -> list[tuple[int, int, int]]:
-    """(dp, tp, pp): tp divides a node's devices; pp at most the block count; dp the rest."""
+def check_dp_divides_batch(batch: int, mesh: Mapping[str, int] | None) -> None:
+    """Refuse a pinned dp that does not divide the planning batch: each replica needs whole sequences."""
+    dp = mesh.get("dp", 1) if mesh is not None else 1
+    if batch % dp:
+        raise InputError(
+            f"mesh {dict(mesh or {})} pins dp={dp}, which does not divide the example batch of {batch} "
+            f"sequences; expected a dp among {_divisors(batch)}, or an example batch that is a multiple of {dp}"
+        )
+
+
+def _meshes(
+    cluster: Cluster, n_blocks: int, mesh: Mapping[str, int] | None, batch: int
+) -> list[tuple[int, int, int]]:
+    """(dp, tp, pp): tp divides a node's devices; pp at most the block count; dp the rest, and a divisor
+    of the batch (a replica runs whole sequences; a smaller batch leaves devices to tp and pp)."""
     if mesh is not None:
         return [(mesh.get("dp", 1), mesh.get("tp", 1), mesh.get("pp", 1))]
     n = cluster.num_devices
@@ -202,7 +238,7 @@ def _meshes(cluster: Cluster, n_blocks: int, mesh: Mapping[str, int] | None) -> 
         if n % tp:
             continue
         for pp in _divisors(n // tp):
-            if pp > max(1, n_blocks):
+            if pp > max(1, n_blocks) or batch % (n // (tp * pp)):
                 continue
             out.append((n // (tp * pp), tp, pp))
     return out
@@ -259,13 +295,24 @@ class _Chains:
         self.ir, self.cluster, self.optimizer, self.precision = ir, cluster, optimizer, precision
         self.param_placements, self.time_limit_s, self.say = param_placements, time_limit_s, say
         self.graphs: dict[int, GraphIR] = {ir.batch_size: ir}
+        self.capture_failures: dict[int, CaptureError] = {}
         self.plans: dict[tuple[int, int], Plan] = {}
         self.chains: dict[tuple[int, int], Chain] = {}
 
     def graph(self, batch: int) -> GraphIR:
+        if batch in self.capture_failures:
+            raise self.capture_failures[batch]
         if batch not in self.graphs:
             t = time.perf_counter()
-            self.graphs[batch] = self.ir.recapture(batch)
+            try:
+                self.graphs[batch] = self.ir.recapture(batch)
+            except CaptureError as exc:
+                # remembered: a size the model cannot run (train-mode BatchNorm on one 1x1 sample) is
+                # skipped by the search, not retried for every dp
+                self.capture_failures[batch] = CaptureError(
+                    f"the model cannot be captured at batch {batch}: {str(exc).splitlines()[0]}"
+                )
+                raise self.capture_failures[batch] from exc
             self.say(f"captured {self.ir.model_type} at batch {batch} ({time.perf_counter() - t:.1f} s)")
         return self.graphs[batch]
 

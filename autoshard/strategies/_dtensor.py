@@ -61,6 +61,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = [
+    "NoStrategy",
     "Row",
     "decomp_rules",
     "device_mesh",
@@ -72,6 +73,10 @@ __all__ = [
 ]
 
 TESTED_TORCH = (2, 13)
+
+
+class NoStrategy(Exception):
+    """DTensor's strategy code gave no option for an op on any of the input placements tried."""
 
 # One single-mesh-axis rule: placements of [outputs..., tensor inputs...]; None for non-tensor outputs.
 Row = tuple[Placement | None, ...]
@@ -303,31 +308,61 @@ def op_strategy_options(
     else:
         calls = [[list(c) for c in candidates]]
     results: list[FullOption] = []
+    failures: list[BaseException] = []
     for call in calls:
-        by_id = {id(t): cs for t, cs in zip(tensors, call, strict=True)}
-
-        def leaf(t: torch.Tensor, by_id: dict[int, list[tuple[Placement, ...]]] = by_id) -> OpStrategy:
-            return OpStrategy([OpSpec(_r_spec(mesh, t, pl)) for pl in by_id[id(t)]])
-
-        s_args, s_kwargs = _wrap(args, kwargs, leaf)
         try:
-            strat = func(OpSchema(op, s_args, s_kwargs, schema_info=info))
-        except RuntimeError:
-            if len(calls) == 1:
-                raise
-            continue  # DTensor refuses this input placement (e.g. an uneven unflatten): no option
-        if not isinstance(strat, OpStrategy):
-            raise NotImplementedError(f"{op}: op strategy returned {type(strat).__name__}")
-        for spec in strat.strategies:
-            outs = spec.output_specs
-            out_t = tuple(o.placements if o is not None else None for o in outs) if isinstance(
-                outs, (tuple, list)
-            ) else (outs.placements,)
-            if spec.input_specs is None:
-                ins = tuple(out_t[0] for _ in tensors)  # "inputs follow the output" convention
-            else:
-                ins = tuple(s.placements for s in spec.input_specs)
-            results.append((out_t, ins))
+            results += _call_op_strategy(op, func, info, args, kwargs, tensors, mesh, call)
+        except Exception as exc:  # noqa: BLE001 - private strategy code: any failure means "no option"
+            # DTensor refuses this input placement (RuntimeError for an uneven unflatten, KeyError from
+            # the view/expand strategy on a size-1 dim, ...): the candidate has no option
+            failures.append(exc)
+    if not results and len(tensors) > 1:
+        # DTensor refused the candidates together: the all-Replicate call alone, which always exists
+        replicated = [[tuple(Replicate() for _ in range(mesh.ndim))] for _ in candidates]
+        try:
+            results = _call_op_strategy(op, func, info, args, kwargs, tensors, mesh, replicated)
+        except Exception as exc:  # noqa: BLE001 - as above
+            failures.append(exc)
+    if not results and failures:
+        last = failures[-1]
+        raise NoStrategy(
+            f"DTensor's strategy for {op} refused every input placement offered "
+            f"({len(failures)} tried; last: {type(last).__name__}: {last})"
+        ) from last
+    return results
+
+
+def _call_op_strategy(
+    op: torch._ops.OpOverload,
+    func: Callable[..., Any],
+    info: RuntimeSchemaInfo | None,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    tensors: list[torch.Tensor],
+    mesh: DeviceMesh,
+    call: list[list[tuple[Placement, ...]]],
+) -> list[FullOption]:
+    """One call of an op-strategy function with `call[i]` as the candidate placements of tensor i."""
+    by_id = {id(t): cs for t, cs in zip(tensors, call, strict=True)}
+
+    def leaf(t: torch.Tensor) -> OpStrategy:
+        return OpStrategy([OpSpec(_r_spec(mesh, t, pl)) for pl in by_id[id(t)]])
+
+    s_args, s_kwargs = _wrap(args, kwargs, leaf)
+    strat = func(OpSchema(op, s_args, s_kwargs, schema_info=info))
+    if not isinstance(strat, OpStrategy):
+        raise NotImplementedError(f"{op}: op strategy returned {type(strat).__name__}")
+    results: list[FullOption] = []
+    for spec in strat.strategies:
+        outs = spec.output_specs
+        out_t = tuple(o.placements if o is not None else None for o in outs) if isinstance(
+            outs, (tuple, list)
+        ) else (outs.placements,)
+        if spec.input_specs is None:
+            ins = tuple(out_t[0] for _ in tensors)  # "inputs follow the output" convention
+        else:
+            ins = tuple(s.placements for s in spec.input_specs)
+        results.append((out_t, ins))
     return results
 
 

@@ -92,7 +92,7 @@ def fused_split_options(node: Node, mesh: MeshSpec, base: Sequence) -> list:
         size = node.args[0].meta["val"].shape[dim] // k
         for o in base:
             for axis, n in enumerate(mesh.sizes):
-                if size % n or not isinstance(o.inputs[0][axis], Replicate):
+                if n == 1 or size % n or not isinstance(o.inputs[0][axis], Replicate):
                     continue
                 if not all(out is not None and type(out[axis]) is Replicate for out in o.output):
                     continue

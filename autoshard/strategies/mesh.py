@@ -34,6 +34,7 @@ __all__ = [
     "spec_from_str",
     "spec_str",
     "spec_to_json",
+    "trivial_axis_ok",
 ]
 
 Spec = tuple[Placement, ...]  # one placement per mesh axis, in MeshSpec axis order
@@ -177,18 +178,31 @@ def is_even(shape: Sequence[int], spec: Sequence[Placement], mesh: MeshSpec) -> 
     return local_shape(shape, spec, mesh) is not None
 
 
+def trivial_axis_ok(spec: Sequence[Placement], mesh: MeshSpec) -> bool:
+    """False when `spec` shards or reduces over a mesh axis of size 1.
+
+    On a size-1 axis Shard(d) and Partial hold the same values as Replicate: offering them only
+    multiplies the options by equivalent copies, and DTensor's private strategy functions are not
+    written for them (its view/expand strategy raises KeyError for a Shard of a size-1 dim over a
+    size-1 axis; the step search plans one replica on such an axis, `{"dp": 1}`).
+    """
+    return all(n > 1 or type(p) is Replicate for p, n in zip(spec, mesh.sizes, strict=True))
+
+
 def all_specs(
     shape: Sequence[int], mesh: MeshSpec, *, partial: bool = False
 ) -> Iterator[Spec]:
     """Every evenly sharded spec of R / S(d) per axis (plus P(sum), P(avg) with `partial`), R first.
 
     Combinations that mix P(sum) and P(avg) on different axes are left out: they are legal in DTensor but
-    no producer in a training graph needs them and they double the candidate count.
+    no producer in a training graph needs them and they double the candidate count. An axis of size 1
+    offers only Replicate (see `trivial_axis_ok`).
     """
     per_axis: list[Placement] = [Replicate(), *(Shard(d) for d in range(len(shape)))]
     if partial:
         per_axis += [Partial(op) for op in PARTIAL_OPS]
-    for spec in product(per_axis, repeat=mesh.ndim):
+    choices = [per_axis if n > 1 else [Replicate()] for n in mesh.sizes]
+    for spec in product(*choices):
         ops = {p.reduce_op for p in spec if type(p) is Partial}
         if len(ops) <= 1 and is_even(shape, spec, mesh):
             yield spec

@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -32,7 +34,9 @@ import torch
 from torch.fx import Node
 from torch.utils._pytree import tree_map
 
+from autoshard.errors import ShardingError
 from autoshard.strategies import _dtensor, exclusions
+from autoshard.strategies.executable import unexecutable_reason
 from autoshard.ir.signature import arg_signature
 from autoshard.strategies.fused_split import fused_split_options
 from autoshard.strategies.mesh import (
@@ -47,9 +51,11 @@ from autoshard.strategies.mesh import (
     is_even,
     normalize_spec,
     spec_str,
+    trivial_axis_ok,
 )
 
-__all__ = ["ShardingOption", "clear_option_cache", "node_options", "option_cache_info"]
+__all__ = ["ShardingOption", "clear_option_cache", "node_options", "node_source", "option_cache_info",
+           "runs_locally_replicated"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -153,8 +159,28 @@ def _call_options(node: Node, mesh: MeshSpec) -> tuple[ShardingOption, ...]:
     key = (op, arg_signature(args), arg_signature(kwargs), alias, len(inputs), out_shapes, mesh)
     hit = _OPTIONS.get(key)
     if hit is None:
-        hit = _OPTIONS[key] = _compute_options(op, args, kwargs, node.meta.get("val"), alias, len(inputs), mesh)
+        try:
+            hit = _compute_options(op, args, kwargs, node.meta.get("val"), alias, len(inputs), mesh)
+        except Exception as exc:  # noqa: BLE001 - DTensor's private strategy code raises anything
+            where = node_source(node)
+            raise ShardingError(
+                f"node {node.name} ({op}){' at ' + where if where else ''}: expected at least one sharding "
+                f"option on mesh {mesh}, found none ({type(exc).__name__}: {exc}). DTensor's rule for this op "
+                "rejects every placement autoshard offers; report the op and line, or rewrite that line "
+                "with ops DTensor supports"
+            ) from exc
+        _OPTIONS[key] = hit
     return hit
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def node_source(node: Node) -> str:
+    """"file:line" of the deepest frame of the user's code (not torch's) that created `node`, or ""."""
+    frames = [f for f in _FRAME.findall(node.meta.get("stack_trace") or "") if not f[0].startswith(_TORCH_DIR)]
+    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else ""
 
 
 # Caches keyed by hashable signatures (args hold meta tensors and dicts, so not functools caches).
@@ -174,8 +200,10 @@ def _compute_options(
         if opt is not None:
             seen.setdefault(opt, None)
     if not seen:
-        raise AssertionError(f"{op}: no sharding option survived filtering on {mesh}")
-    opts = list(seen)
+        raise _dtensor.NoStrategy(f"{op}: none of DTensor's {len(rows)} options survived filtering on {mesh}")
+    opts = [o for o in seen if unexecutable_reason(op, o.inputs) is None]
+    if not opts:
+        raise _dtensor.NoStrategy(f"{op}: DTensor's dispatch runs none of its {len(seen)} options on {mesh}")
     for pos, slot in enumerate(alias):
         if alias.index(slot) == pos:
             opts = _collapse_free_input(opts, slot, _specs(in_shapes[pos], mesh, True))
@@ -223,9 +251,37 @@ def _raw_options(
         # own rule: an op with no tensor result and no DTensor strategy (e.g. aten._assert_tensor_metadata)
         # only inspects metadata; the placement of its inputs does not matter
         return [((), (None,) * len(in_shapes))]
-    # own rule: no DTensor strategy (or its derivation failed): run it replicated, which is always correct
+    # own rule: no DTensor rule for this op and signature (none registered, or its decomposition cannot
+    # be traced, as DTensor's dispatch would find too): run it replicated, which is always correct;
+    # codegen calls it on the local tensors (runs_locally_replicated says so for the same nodes)
     log.info("no DTensor sharding strategy for %s; offering only full replication", op)
     return [(tuple(_all_r(mesh) if s is not None else None for s in _out_shapes(val)), (_all_r(mesh),) * len(in_shapes))]
+
+
+def runs_locally_replicated(node: Node) -> bool:
+    """True for a call node that DTensor has no sharding rule for (no strategy registered, e.g.
+    `aten.lift_fresh_copy` or transformers' custom `grouped_mm_fallback`; or a decomposition that cannot
+    be traced, e.g. `aten.fill_.Tensor`), and which reads and returns tensors.
+
+    The one predicate for both sides: the planner offers such a node only fully replicated
+    (`_raw_options`'s last branch), and codegen runs it on the local replicated tensors, because DTensor's
+    dispatch would raise "does not have a sharding strategy registered"."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    val = node.meta.get("val")
+    if not any(s is not None for s in _out_shapes(val)):
+        return False
+    if not any(isinstance(n.meta.get("val"), torch.Tensor) for n in node.all_input_nodes):
+        return False
+    op = node.target
+    kind = _dtensor.strategy_kind(op)
+    if kind == "none":
+        return True
+    if kind not in ("single_dim", "decomp"):
+        return False
+    args = tuple(_meta_arg(a) for a in node.args)
+    kwargs = {k: _meta_arg(v) for k, v in node.kwargs.items()}
+    return _rules(op, args, kwargs, val, kind) is None
 
 
 # Composite ops whose decomposition, and so whose single-axis rules, depend on the ranks of their
@@ -301,6 +357,8 @@ def _spec_ok(spec: Spec, shape: tuple[int, ...], mesh: MeshSpec) -> bool:
         return False
     if len({p.reduce_op for p in spec if type(p) is Partial}) > 1:
         return False  # P(sum) on one axis and P(avg) on another: legal in DTensor, never needed here
+    if not trivial_axis_ok(spec, mesh):
+        return False  # S / P over a size-1 axis is Replicate; the all-R row stands for it
     return is_even(shape, spec, mesh)
 
 
