@@ -137,6 +137,24 @@ class GraphIR:
                 return p
         return None
 
+    def train_batch_norms(self) -> tuple[str, ...]:
+        """The BatchNorms that normalise by the statistics of the batch they see (training mode).
+
+        Their result depends on which rows share a forward: splitting the batch into micro-batches
+        (gradient accumulation, pipelining) would give other statistics than the single device's, so
+        plans with more than one micro-batch are refused for such a model (dp is exact: the planner
+        only runs them on their whole input)."""
+        if self.exported is None:
+            return ()
+        found = []
+        for node in self.exported.graph.nodes:
+            name = getattr(node.target, "__name__", "")
+            if node.op == "call_function" and "batch_norm" in name and "no_training" not in name:
+                training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", True)
+                if training:
+                    found.append(node.name)
+        return tuple(found)
+
     def summary(self) -> dict[str, int | str]:
         """Headline figures: node count, parameter elements and bytes, forward FLOPs and bytes moved."""
         calls = self.calls

@@ -286,6 +286,7 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
                 if src.name not in param_spec:
                     _force_planned_gradient(graph, node, src, have, plan, comments)
                 continue
+            _refuse_redistributed_mutation(node, src, have, want)
             key = (src.name, want)
             if key not in cache:
                 with graph.inserting_before(node):
@@ -317,6 +318,23 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
     gm.meta["redistributions"] = tuple(inserted)
     gm.meta["plan_mesh"] = dict(plan.mesh)
     return gm
+
+
+def _refuse_redistributed_mutation(node: Node, src: Node, have: str, want: str) -> None:
+    """An in-place op whose mutated argument would arrive redistributed would write into the copy the
+    redistribution makes, not into the tensor the rest of the program reads (T5's `shifted[:, 1:] =
+    labels[:, :-1]` under tp): a silently lost write. Refuse such a plan."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return
+    for arg, formal in zip(node.args, schema.arguments):
+        if arg is src and formal.alias_info is not None and formal.alias_info.is_write:
+            raise InputError(
+                f"the plan moves {src.name} from {have} to {want} before the in-place {node.target} "
+                f"({node.name}), which writes into it: the write would land in the moved copy and be lost. "
+                "Such a plan cannot run exactly; plan with another mesh (data parallelism keeps these "
+                "tensors whole), or write the model's update out of place"
+            )
 
 
 def _is_impure(node: Node) -> bool:

@@ -93,6 +93,8 @@ def split_stages(gm: GraphModule, ir: GraphIR, training: Training) -> StageSplit
     for node in reversed(nodes):  # consumers before producers: codegen's nodes follow their consumer
         if node in state or node in constant or node is output:
             continue
+        if node.op == "placeholder" and not node.users:
+            continue  # an input nothing reads (use_cache=False): no stage holds it
         if node in tail:
             stage[node] = n
         elif node.op == "placeholder":

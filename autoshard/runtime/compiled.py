@@ -128,6 +128,11 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
         ir = capture(model, args, kwargs)
     plan.check_graph(ir)
     _check_loss(ir, loss_fn)
+    if batch_norms := ir.train_batch_norms():
+        from autoshard.solver.step_search import refuse_micro_batches
+
+        t = plan.training
+        refuse_micro_batches(batch_norms, t.pp, t.num_micro_batches)
     if plan.training.pp > 1:
         return _pipelined(model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, seed=seed, **optimizer_kwargs)
     return CompiledModel(

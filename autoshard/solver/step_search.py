@@ -129,10 +129,17 @@ def search_step(
                 f"considered has as pp (mesh {dict(fixed.mesh) if fixed.mesh else 'searched'}, {cluster}); "
                 "change the hints or the mesh"
             )
+    batch_norms = ir.train_batch_norms()
+    if batch_norms:  # their statistics are the batch's: one micro-batch per step, no pipeline
+        refuse_micro_batches(batch_norms, fixed.mesh.get("pp", 1) if fixed.mesh else 1, 1)
+        meshes = [(dp, tp, pp) for dp, tp, pp in meshes if pp == 1]
+        skipped.append(("pp > 1, several micro-batches", f"train-mode BatchNorm ({batch_norms[0]}, ...) needs the whole batch"))
     for dp, tp, pp in meshes:
         replica = ir.batch_size // dp
         for mbs in _micro_batch_sizes(replica, pp, fixed.micro_batch_size):
             m = replica // mbs
+            if batch_norms and m > 1:
+                continue
             try:
                 chain = chains.get(tp, mbs)
             except (NoFeasiblePlan, InputError, CaptureError) as exc:
@@ -242,6 +249,18 @@ def _meshes(
                 continue
             out.append((n // (tp * pp), tp, pp))
     return out
+
+
+def refuse_micro_batches(batch_norms: Sequence[str], pp: int, m: int) -> None:
+    """Refuse a step of `pp` stages and `m` micro-batches that would split a train-mode BatchNorm's batch."""
+    if pp > 1 or m > 1:
+        raise InputError(
+            f"the model has {len(batch_norms)} train-mode BatchNorm(s) ({', '.join(batch_norms[:3])}, ...), which "
+            f"normalise by the statistics of the batch they see; {'pipeline stages' if pp > 1 else f'{m} micro-batches'} "
+            "would give each micro-batch its own statistics, not the single device's. Plan without pp and with one "
+            "micro-batch per step (data and tensor parallelism are exact), or put the model in eval mode / use "
+            "GroupNorm or LayerNorm"
+        )
 
 
 def _micro_batch_sizes(replica: int, pp: int, fixed: int | None) -> list[int]:

@@ -16,6 +16,7 @@ with the message; the test decides which refusals are acceptable.
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -76,7 +77,13 @@ def check(case: str) -> dict:
 
 def main(cases: list[str]) -> None:
     with rank_session() as session:
-        session.result = {case: check(case) for case in cases}
+        results = {}
+        for case in cases:
+            try:
+                results[case] = check(case)
+            except Exception:  # noqa: BLE001 - one case's failure is reported, the others still run
+                results[case] = {"ok": False, "refused": None, "mesh": None, "problems": [traceback.format_exc()[-3000:]]}
+        session.result = results
 
 
 if __name__ == "__main__":

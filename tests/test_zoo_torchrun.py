@@ -1,0 +1,62 @@
+"""Models nobody here wrote, on 4 real gloo ranks, compiled as a user would: equal to one device.
+
+Each case of tests/dist/zoo_matches.py is `<zoo model>/<mesh>`: the default
+`autoshard.compile(model, batch, cluster="cpu:4")` ("auto"), and pinned meshes dp2 x tp2, tp4 and
+pp2 x dp2. The models take keyword inputs and return a ModelOutput (or nanoGPT's tuple): no wrapper, no
+loss_fn. Every rank compares the loss of 3 steps, the first gradients and the final state dict with its
+own single-device run. One torchrun serves all cases (starting 4 ranks costs seconds).
+
+CI runs a sample that touches every model and every mesh kind (`CI_CASES`, ~3 min); the whole matrix
+(11 models x 4 meshes, ~13 min on 2 cores) runs with AUTOSHARD_ZOO_FULL=1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import zoo
+from autoshard.runtime.launch import run_local
+
+DIST = Path(__file__).parent / "dist"
+MESHES = ("auto", "dp2xtp2", "tp4", "pp2xdp2")
+# refusals that are the right answer, with the reason they must give
+REFUSALS = {
+    "t5/pp2xdp2": "the loss reads parameters",  # encoder-decoder: the decoder reads the labels
+    "resnet/pp2xdp2": "train-mode BatchNorm",  # micro-batches would have their own statistics
+    # not yet run exactly, so refused rather than wrong: the plan moves the target of an in-place write
+    # (T5's _shift_right fills a new tensor through slices); fix: keep mutated tensors where they are
+    "t5/dp2xtp2": "in-place aten.copy_",
+    "t5/tp4": "in-place aten.copy_",
+}
+# known silently wrong, owned by issue 18 (a masked LM's token-mean loss averaged over micro-batches):
+# asserted still wrong, so the case is promoted the day it is fixed
+KNOWN_WRONG = {"bert/pp2xdp2"}
+CI_CASES = [
+    "gpt2/auto", "llama/pp2xdp2", "mistral/tp4", "mixtral/dp2xtp2", "bert/auto", "bert/pp2xdp2", "t5/auto",
+    "t5/tp4", "vit/pp2xdp2", "resnet/auto", "resnet/pp2xdp2", "nanogpt/dp2xtp2",
+]  # fmt: skip
+CASES = [f"{m}/{k}" for m in zoo.names() for k in MESHES] if os.environ.get("AUTOSHARD_ZOO_FULL") else CI_CASES
+
+pytestmark = pytest.mark.slow
+
+
+def test_zoo_models_match_single_device_on_4_ranks() -> None:
+    run = run_local(DIST / "zoo_matches.py", 4, *CASES, timeout=1500)
+    failures = []
+    for rank, verdicts in enumerate(run.results):
+        assert set(verdicts) == set(CASES)
+        for case, v in verdicts.items():
+            if v["refused"] or case in REFUSALS:
+                if not v["refused"] or REFUSALS.get(case, "\0") not in v["refused"]:
+                    failures.append(f"rank {rank} {case}: expected refusal {REFUSALS.get(case)!r}, found {v['refused'] or v['problems']}")
+            elif case in KNOWN_WRONG:
+                if v["ok"]:
+                    failures.append(f"rank {rank} {case}: now matches one device; move it out of KNOWN_WRONG")
+            elif not v["ok"]:
+                failures.append(f"rank {rank} {case} (mesh {v['mesh']}): {v['problems']}")
+    assert not failures, "\n".join(failures)
+    for case in CASES:  # every rank saw the same losses
+        assert len({tuple(r[case].get("losses", ())) for r in run.results}) == 1, case
