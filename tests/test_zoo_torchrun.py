@@ -28,15 +28,20 @@ REFUSALS = {
     "resnet/pp2xdp2": "train-mode BatchNorm",  # micro-batches would have their own statistics
     # not yet run exactly, so refused rather than wrong: the plan moves the target of an in-place write
     # (T5's _shift_right fills a new tensor through slices); fix: keep mutated tensors where they are
+    "t5/auto": "in-place aten.fill_",
     "t5/dp2xtp2": "in-place aten.copy_",
     "t5/tp4": "in-place aten.copy_",
 }
 # known silently wrong, owned by issue 18 (a masked LM's token-mean loss averaged over micro-batches):
 # asserted still wrong, so the case is promoted the day it is fixed
 KNOWN_WRONG = {"bert/pp2xdp2"}
+# known silently wrong, not yet understood (open in issue 11): ResNet under dp2 x tp2 and tp4 (its default
+# plan is dp2 x tp2): loss and first gradients equal one device, parameters after 3 steps on 3 different
+# batches differ by up to 7e-3
+KNOWN_WRONG |= {"resnet/auto", "resnet/dp2xtp2", "resnet/tp4"}
 CI_CASES = [
     "gpt2/auto", "llama/pp2xdp2", "mistral/tp4", "mixtral/dp2xtp2", "bert/auto", "bert/pp2xdp2", "t5/auto",
-    "t5/tp4", "vit/pp2xdp2", "resnet/auto", "resnet/pp2xdp2", "nanogpt/dp2xtp2",
+    "vit/pp2xdp2", "resnet/auto", "resnet/pp2xdp2", "nanogpt/dp2xtp2",
 ]  # fmt: skip
 CASES = [f"{m}/{k}" for m in zoo.names() for k in MESHES] if os.environ.get("AUTOSHARD_ZOO_FULL") else CI_CASES
 
