@@ -43,15 +43,6 @@ class _Residual(torch.nn.Module):
         return h
 
 
-class _Conv(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
 def _export(name: str, model: torch.nn.Module, *args: torch.Tensor) -> sim.Captured:
     ep = torch.export.export(model, args, strict=False)
     return sim.capture_values(name, ep, list(ep._graph_module_flat_inputs(args, {})))
@@ -60,7 +51,6 @@ def _export(name: str, model: torch.nn.Module, *args: torch.Tensor) -> sim.Captu
 WITNESSES: dict[object, Callable[[], sim.Captured]] = {
     aten.mse_loss.default: sim.capture_mse_mlp,
     aten.add_.Tensor: lambda: _export("residual", _Residual(), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))),
-    aten.conv2d.default: lambda: _export("conv", _Conv(), torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))),
 }
 
 

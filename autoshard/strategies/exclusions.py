@@ -60,12 +60,6 @@ def _mean_of_a_sharded_input(option: ShardingOption, mesh: MeshSpec | None) -> b
     )
 
 
-def _batch_split_twice(option: ShardingOption, mesh: MeshSpec | None) -> bool:
-    """The input's dim 0 is Shard(0) on two or more mesh axes of size > 1."""
-    spec = option.inputs[0] or ()
-    return sum(1 for axis, p in enumerate(spec) if _split(p, axis, mesh) and p.dim == 0) >= 2
-
-
 def _partial_into_unreduced_self(option: ShardingOption, mesh: MeshSpec | None) -> bool:
     """The in-place op's output is Partial on some mesh axis while self (input 0) is Partial on none.
 
@@ -96,16 +90,6 @@ RULES: tuple[ExclusionRule, ...] = (
         ),
         torch_versions=("2.13",),
         pattern=_partial_into_unreduced_self,
-    ),
-    ExclusionRule(
-        op=aten.conv2d.default,
-        placement="input Shard(0) on two or more mesh axes of size > 1, e.g. (S(0), S(0))",
-        what=(
-            "DTensor raises ValueError 'Tensor dim 0 is already sharded on mesh dim 0' when it runs the "
-            "convolution: the option is offered but cannot run"
-        ),
-        torch_versions=("2.13",),
-        pattern=_batch_split_twice,
     ),
 )
 
