@@ -28,7 +28,7 @@ __all__ = ["DTYPE_NAMES", "HardwareSpec", "known_hardware", "load_hardware"]
 #: torch dtype -> the key under ``peak_flops`` that prices it. fp32 means CUDA-core fp32 (PyTorch's default,
 #: TF32 off); a "tf32" entry is kept in the profiles for callers that know TF32 is enabled.
 DTYPE_NAMES: Mapping[torch.dtype, str] = MappingProxyType(
-    {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 )
 
 # Field -> the unit its JSON entry must declare. Scalar fields only; peak_flops entries are all "FLOP/s".

@@ -86,8 +86,7 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     """Capture, plan (unless `plan` is given), generate code and shard `model` over the process group.
 
     `cluster` defaults to `"cpu:<world size>"`; `mesh` fixes the axes as in `autoshard.plan`. A plan solved
-    here is broadcast from rank 0 so every rank runs the same one even if solvers disagreed (they are
-    deterministic; the broadcast makes it a guarantee). `example_inputs` is what the model is called
+    here is solved on rank 0 alone and sent to every rank, so all run the same one. `example_inputs` is what the model is called
     with: a tuple of positional arguments, a dict of keyword arguments (`{"input_ids": ..., "labels":
     ...}`), or a tensor; `train_step` and the forward take the same. The loss is found among the
     model's outputs (a scalar output, a ModelOutput's `.loss`, the single scalar of a tuple;
@@ -120,8 +119,7 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
         with outside_local_tensor_mode():  # capture is pure tracing, on fake tensors, whatever the world
             full = capture(model, call.args, call.kwargs)
         _check_loss(full, loss_fn)  # before planning: a model whose loss cannot be found is refused at once
-        plan = plan_graph(full, cluster or f"cpu:{world}", mesh=mesh, optimizer=optimizer)
-        plan = _broadcast_plan(plan)
+        plan = _planned_on_rank_0(lambda: plan_graph(full, cluster or f"cpu:{world}", mesh=mesh, optimizer=optimizer))
     # a plan is made for one micro-batch of every replica: global-batch example inputs are cut to it
     args, kwargs = first_micro_batch((call.args, dict(call.kwargs)), plan)
     with outside_local_tensor_mode():
@@ -163,12 +161,34 @@ def _check_loss(ir: GraphIR, loss_fn: Callable[..., Any] | None) -> None:
         )
 
 
-def _broadcast_plan(plan: Plan) -> Plan:
+def _planned_on_rank_0(make_plan: Callable[[], Plan]) -> Plan:
+    """The plan `make_plan` solves on rank 0, sent to every rank.
+
+    Only rank 0 plans: the solver is deterministic, so the other ranks would spend the same CPU on the
+    same answer (on a shared host they slow rank 0 down), and one plan sent to all makes "every rank runs
+    the same program" a guarantee. A refusal on rank 0 (an InputError: no plan fits, a hint cannot be
+    met) is raised on every rank with the same message, so no rank waits forever for a plan."""
     if dist.get_world_size() == 1:
-        return plan
-    box = [plan.to_json() if dist.get_rank() == 0 else None]
+        return make_plan()
+    box: list[object] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("plan", make_plan().to_json())]
+        except InputError as exc:
+            box = [("refused", str(exc))]
+            dist.broadcast_object_list(box, src=0)
+            raise
+        except BaseException as exc:
+            box = [("failed", f"{type(exc).__name__}: {exc}")]
+            dist.broadcast_object_list(box, src=0)
+            raise
     dist.broadcast_object_list(box, src=0)
-    return Plan.from_json(box[0]) if box[0] is not None else plan
+    kind, payload = box[0]  # type: ignore[misc]
+    if kind == "plan":
+        return Plan.from_json(payload)
+    if kind == "refused":
+        raise InputError(payload)
+    raise RuntimeError(f"planning failed on rank 0 ({payload}); see rank 0's traceback")
 
 
 class CompiledModel:
