@@ -301,3 +301,28 @@ def test_a_strategy_that_refuses_everything_names_the_node(graph: torch.fx.Graph
             node_options(n, TP8)
     finally:
         clear_option_cache()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((2, 4, 8, 16), (2, 4, 16, 16), (2, 4, 16, 16), (1, 4, 8, 16)),  # T5 cross-attention, bias broadcast on batch
+        ((2, 4, 8, 16), (2, 4, 8, 16), (2, 4, 8, 16), (2, 1, 8, 8)),  # a padding mask broadcast on heads
+        ((2, 4, 8, 16), (2, 4, 8, 16), (2, 4, 8, 16), (8, 8)),  # a 2-D mask
+    ],
+    ids=["cross-attention", "head-broadcast-mask", "2d-mask"],
+)
+def test_attention_rules_from_aligned_combinations_equal_the_full_product(shapes) -> None:
+    # the planner derives masked attention's rules from `aligned_combos` (~100 traces) instead of every
+    # combination of {R, S(d), P} per input (~2400): both must give DTensor's same rules
+    from autoshard.strategies import _dtensor
+
+    op = torch.ops.aten.scaled_dot_product_attention.default
+    args = tuple(torch.empty(s, device="meta") for s in shapes)
+    full = _dtensor.decomp_rules(op, args, {})
+    aligned = _dtensor.decomp_rules(op, args, {}, _dtensor.aligned_combos(args, {}))
+    assert full is not None and aligned is not None
+    assert full[0] == aligned[0] == 1
+    assert set(aligned[1]) == set(full[1])
+    assert len(full[1]) >= 6  # replicate, batch, heads, query rows, v features, Partial v: not a vacuous equality
