@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -19,21 +18,6 @@ from autoshard.strategies.executable import unexecutable_reason
 
 WORLD = 4
 BATCH_ON_BOTH = (Shard(0), Shard(0))
-
-
-@pytest.fixture(scope="module")
-def fake_world():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from autoshard.strategies._dtensor import reset_caches
-
-    if dist.is_initialized():
-        pytest.skip("another process group is already initialised in this process")
-    reset_caches()
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
-    yield WORLD
-    dist.destroy_process_group()
-    reset_caches()
 
 
 def conv_node():

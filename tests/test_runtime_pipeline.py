@@ -14,6 +14,7 @@ held by stage 0 and in the state dict unchanged, without ZeRO and with ZeRO-1.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,10 @@ CASES = (
     "gpt-recompute", "llama-recompute-tp-interleaved", "gpt-zero1-recompute", "gpt-bf16-zero1",
     "gpt-solver-zero1-selective", "unused-1f1b", "unused-zero1",
 )  # fmt: skip
+# CI runs every case but four llama-tiny ones whose schedule or split another llama case also runs
+# (interleaved: with ZeRO-3; tp: with recomputation; GPipe: the solver's plan); all with AUTOSHARD_FULL=1
+if not os.environ.get("AUTOSHARD_FULL"):
+    CASES = tuple(c for c in CASES if c not in {"llama-gpipe", "llama-1f1b", "llama-interleaved", "llama-tp"})
 
 pytestmark = pytest.mark.slow
 

@@ -9,6 +9,7 @@ serves all cases, since starting 4 ranks costs ~4 s.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,16 @@ CASES = (
     *(f"llama-tiny/{c}" for c in _LLAMA), "gpt-odd/dp-zero2", "gpt-odd/dp-zero3",
     "unused/dp", "unused/dp-zero3-adamw",
 )  # fmt: skip
+# CI runs a sample that keeps every mechanism (each ZeRO stage on dp and beside tp, AdamW, accumulation,
+# recomputation, padded shards, unused parameters, the solver's own plans) and llama-tiny once beside
+# tp; the whole list (~150 s on 2 cores, the sample ~85 s) runs with AUTOSHARD_FULL=1.
+CI_CASES = tuple(
+    c for c in CASES
+    if c not in {"dp2xtp2-zero1-adamw", "dp2xtp2-zero2", "dp2xtp2-recompute"}
+    and (not c.startswith("llama-tiny/") or c in {"llama-tiny/auto", "llama-tiny/dp2xtp2-zero2-accumulate-adamw"})
+)  # fmt: skip
+if not os.environ.get("AUTOSHARD_FULL"):
+    CASES = CI_CASES
 
 pytestmark = pytest.mark.slow
 

@@ -27,16 +27,13 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed._local_tensor import LocalTensor, LocalTensorMode
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.fx import Node
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import dtensor_sim as sim
-from autoshard.strategies._dtensor import reset_caches
 from autoshard.strategies import MeshSpec, ShardingOption, node_options, spec_str
 
 pytestmark = pytest.mark.slow
@@ -47,16 +44,6 @@ MODELS = ("gpt-tiny", "llama-tiny", "moe-tiny")
 aten = torch.ops.aten
 # ops whose non-tensor arguments are global sizes: run through DTensor, which rewrites them to local ones
 GLOBAL_SIZE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
-
-
-@pytest.fixture(scope="module")
-def fake_world() -> Iterator[None]:
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
-    yield
-    dist.destroy_process_group()
-    reset_caches()  # DTensor caches this world's meshes by layout
 
 
 def _captured(name: str) -> tuple[Any, dict[str, Any]]:

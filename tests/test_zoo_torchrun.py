@@ -6,8 +6,9 @@ pp2 x dp2. The models take keyword inputs and return a ModelOutput (or nanoGPT's
 loss_fn. Every rank compares the loss of 3 steps, the first gradients and the final state dict with its
 own single-device run. One torchrun serves all cases (starting 4 ranks costs seconds).
 
-CI runs a sample that touches every model and every mesh kind (`CI_CASES`, ~3 min); the whole matrix
-(11 models x 4 meshes, ~13 min on 2 cores) runs with AUTOSHARD_ZOO_FULL=1.
+CI runs a sample that touches every model and every mesh kind (`CI_CASES`, ~2.5 min); the whole matrix
+(11 models x 4 meshes, ~13 min on 2 cores) runs with AUTOSHARD_FULL=1. ResNet compares in fp64 (its fp32
+run is too ill-conditioned to resolve a 1e-5 difference: tests/test_zoo_conditioning.py).
 """
 
 from __future__ import annotations
@@ -26,20 +27,15 @@ MESHES = ("auto", "dp2xtp2", "tp4", "pp2xdp2")
 REFUSALS = {
     "t5/pp2xdp2": "the loss reads parameters",  # encoder-decoder: the decoder reads the labels
     "resnet/pp2xdp2": "train-mode BatchNorm",  # micro-batches would have their own statistics
-    # not yet run exactly, so refused rather than wrong: the plan moves the target of an in-place write
-    # (T5's _shift_right fills a new tensor through slices); fix: keep mutated tensors where they are
-    "t5/auto": "in-place aten.fill_",
-    "t5/dp2xtp2": "in-place aten.copy_",
-    "t5/tp4": "in-place aten.copy_",
 }
 # known silently wrong, owned by issue 18 (a masked LM's token-mean loss averaged over micro-batches):
 # asserted still wrong, so the case is promoted the day it is fixed
 KNOWN_WRONG = {"bert/pp2xdp2"}
 CI_CASES = [
-    "gpt2/auto", "llama/pp2xdp2", "mistral/tp4", "mixtral/dp2xtp2", "bert/auto", "bert/pp2xdp2", "t5/auto",
+    "gpt2/auto", "llama/pp2xdp2", "mistral/tp4", "mixtral/dp2xtp2", "bert/auto", "t5/auto",
     "vit/pp2xdp2", "resnet/auto", "resnet/pp2xdp2", "nanogpt/dp2xtp2",
 ]  # fmt: skip
-CASES = [f"{m}/{k}" for m in zoo.names() for k in MESHES] if os.environ.get("AUTOSHARD_ZOO_FULL") else CI_CASES
+CASES = [f"{m}/{k}" for m in zoo.names() for k in MESHES] if os.environ.get("AUTOSHARD_FULL") else CI_CASES
 
 pytestmark = pytest.mark.slow
 

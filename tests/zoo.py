@@ -127,7 +127,9 @@ def _t5(large: bool) -> nn.Module:
     t = _tf()
     size = dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16, d_kv=64, vocab_size=32128) if large else dict(
         d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=VOCAB)
-    cfg = t.T5Config(dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, **size)
+    # a start token other than the padding id: _shift_right writes it in place into a tensor of zeros,
+    # and with 0 a lost write would be invisible
+    cfg = t.T5Config(dropout_rate=0.0, decoder_start_token_id=1, pad_token_id=0, **size)
     return t.T5ForConditionalGeneration(cfg)
 
 

@@ -136,6 +136,20 @@ def grad_to(x: DTensor, placements: str) -> DTensor:
 
 
 @torch.fx.wrap
+def write_back(target: DTensor, moved: DTensor) -> DTensor:
+    """Copy `moved` into `target` at `target`'s placements; returns `target`.
+
+    The plan moved `target` (with `redistribute`) before an in-place op, which wrote into the moved
+    copy; eager would have written into `target` itself (T5's `shifted[:, 1:] = labels[:, :-1]` fills a
+    slice of a new tensor). This writes the result back, so every later reader of `target`, or of the
+    tensor it is a view of, sees the write.
+    """
+    placements = tuple(target.placements)
+    target.copy_(moved if tuple(moved.placements) == placements else moved.redistribute(target.device_mesh, placements))
+    return target
+
+
+@torch.fx.wrap
 def as_dtensor(x: torch.Tensor, placements: str) -> DTensor:
     """A factory op's plain output (the same on every rank) as a DTensor with its planned placement."""
     mesh = _MESH.get()
@@ -263,6 +277,7 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
     param_spec = {n: plan.params[p.name] for p in ir.params if p.name in plan.params for n in p.nodes}
     comments: dict[str, str] = {}
     inserted: list[EdgeRedistribution] = []
+    moved: dict[Node, tuple[Node, str]] = {}  # inserted redistribute node -> (its source, the source's spec)
 
     def produced(node: Node) -> str | None:
         if node.name in param_spec:
@@ -286,7 +301,6 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
                 if src.name not in param_spec:
                     _force_planned_gradient(graph, node, src, have, plan, comments)
                 continue
-            _refuse_redistributed_mutation(node, src, have, want)
             key = (src.name, want)
             if key not in cache:
                 with graph.inserting_before(node):
@@ -300,10 +314,12 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
                         collectives=tuple(notes),
                     )
                 )
+                moved[cache[key]] = (src, have)
             node.replace_input_with(src, cache[key])
 
+    keep_views = _write_back_mutations(graph, moved, comments, inserted)
     _finish_outputs(graph, produced, comments, plan)
-    _rewrite_special_nodes(graph, decisions, device, comments)
+    _rewrite_special_nodes(graph, decisions, device, comments, keep_views)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
     graph.on_generate_code(lambda previous: _commenter(graph, comments, previous))
@@ -320,21 +336,80 @@ def codegen(ir: GraphIR, plan: Plan, *, device: str = "cpu") -> GraphModule:
     return gm
 
 
-def _refuse_redistributed_mutation(node: Node, src: Node, have: str, want: str) -> None:
-    """An in-place op whose mutated argument would arrive redistributed would write into the copy the
-    redistribution makes, not into the tensor the rest of the program reads (T5's `shifted[:, 1:] =
-    labels[:, :-1]` under tp): a silently lost write. Refuse such a plan."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return
-    for arg, formal in zip(node.args, schema.arguments):
-        if arg is src and formal.alias_info is not None and formal.alias_info.is_write:
-            raise InputError(
-                f"the plan moves {src.name} from {have} to {want} before the in-place {node.target} "
-                f"({node.name}), which writes into it: the write would land in the moved copy and be lost. "
-                "Such a plan cannot run exactly; plan with another mesh (data parallelism keeps these "
-                "tensors whole), or write the model's update out of place"
-            )
+def _write_back_mutations(
+    graph: Graph, moved: dict[Node, tuple[Node, str]], comments: dict[str, str], inserted: list[EdgeRedistribution]
+) -> set[Node]:
+    """After each in-place op that writes into a moved copy, write the copy back where eager wrote.
+
+    An in-place op mutates its argument and every tensor that argument is a view of. Where the plan
+    redistributed the argument, or the base of a view chain leading to it, the op writes into the
+    copy the redistribution made, and the tensor the rest of the program reads never sees the write
+    (a silently lost write: T5's label shift under tp). Walking from the mutated argument back through
+    views and redistributions, each redistribution passed gets a `write_back` right after the op,
+    innermost first, so the write reaches the original storage. These write-backs are not priced by the
+    planner (they are rare and small: a label shift, a mask fill); each one is listed with the
+    redistributions and named in the generated code. Returns the views on such chains, which must stay
+    views (the `view` -> `reshape` rewrite may copy).
+    """
+    keep_views: set[Node] = set()
+    for node in list(graph.nodes):
+        anchor = node
+        for arg in _mutated_args(node):
+            t: Any = arg
+            chain: list[Node] = []
+            while isinstance(t, Node):
+                if t in moved:
+                    chain.append(t)
+                    t = moved[t][0]
+                elif _is_view(t):
+                    keep_views.add(t)
+                    t = t.args[0]
+                else:
+                    break
+            for copy_node in chain:
+                target, have = moved[copy_node]
+                if any(p.is_partial() for p in spec_from_str(have)):
+                    raise InputError(
+                        f"the plan moves {target.name} from {have} before the in-place {node.target} "
+                        f"({node.name}), which writes into it; a write into a partial sum cannot be written "
+                        "back exactly. Plan with another mesh, or write the model's update out of place"
+                    )
+                with graph.inserting_after(anchor):
+                    anchor = graph.call_function(write_back, (target, copy_node))
+                anchor.meta["val"] = target.meta.get("val")
+                comments[anchor.name] = (
+                    f"{node.name} wrote into {copy_node.name}, a moved copy of {target.name}: write it back at {have}"
+                )
+                inserted.append(
+                    EdgeRedistribution(
+                        node=anchor.name, src=copy_node.name, dst=target.name, src_spec=copy_node.args[1],
+                        dst_spec=have, collectives=("write-back of an in-place op (not priced)",),
+                    )
+                )
+    return keep_views
+
+
+def _mutated_args(node: Node) -> list[Any]:
+    """The arguments an in-place op writes into (none for a pure op)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None or not schema.is_mutable:
+        return []
+    out = []
+    for i, formal in enumerate(schema.arguments):
+        if formal.alias_info is None or not formal.alias_info.is_write:
+            continue
+        arg = node.args[i] if i < len(node.args) else node.kwargs.get(formal.name)
+        out.extend(a for a in tree_leaves(arg) if isinstance(a, Node))
+    return out
+
+
+def _is_view(node: Node) -> bool:
+    """Does `node` return a view of its first argument (whose storage a write into it reaches)?"""
+    if node.op != "call_function" or not node.args:
+        return False
+    if node.target is operator.getitem or node.target is grad_to:
+        return isinstance(node.args[0], Node) and (node.target is grad_to or _is_view(node.args[0]))
+    return bool(getattr(node.target, "is_view", False))
 
 
 def _is_impure(node: Node) -> bool:
@@ -342,6 +417,8 @@ def _is_impure(node: Node) -> bool:
     mutation is the point, as in T5's `shifted[:, 0].fill_(start_token)`)."""
     if node.target is run_replicated:
         return node.args[0]._schema.is_mutable
+    if node.target is write_back:
+        return True
     return node.is_impure()
 
 
@@ -397,7 +474,9 @@ def _finish_outputs(graph: Graph, produced: Any, comments: dict[str, str], plan:
         output.replace_input_with(src, new)
 
 
-def _rewrite_special_nodes(graph: Graph, decisions: dict, device: str, comments: dict[str, str]) -> None:
+def _rewrite_special_nodes(
+    graph: Graph, decisions: dict, device: str, comments: dict[str, str], keep_views: set[Node]
+) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -408,7 +487,7 @@ def _rewrite_special_nodes(graph: Graph, decisions: dict, device: str, comments:
             graph.erase_node(node)
         elif node.target is _SDPA:
             node.target = local_attention
-        elif node.target in _STRIDE_BOUND_VIEWS:
+        elif node.target in _STRIDE_BOUND_VIEWS and node not in keep_views:
             node.target = _RESHAPE  # same values; no reliance on the eager run's strides
         elif runs_locally_replicated(node):
             comments[node.name] = f"no DTensor rule for {node.target}: runs on the local replicated tensors"

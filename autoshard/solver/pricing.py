@@ -111,7 +111,7 @@ class Pricer:
         shape = dict(mesh.axes)
         self.links: dict[str, Link] = {axis: cluster.axis_link(shape, axis) for axis in mesh.names}
         self.bucket_links = {axis: dataclasses.replace(link, latency=0.0) for axis, link in self.links.items()}
-        self._edge_cache: dict[tuple[object, ...], EdgePrice] = {}
+        self._edge_cache = _edge_cache(cluster, mesh, precision)
 
     # ---- units ---------------------------------------------------------------------------------
 
@@ -256,6 +256,27 @@ class Pricer:
             return float(meta.nbytes)
         shards = math.prod(size for p, size in zip(spec, self.mesh.sizes) if is_sharded(p))
         return meta.nbytes / shards
+
+
+_EDGE_CACHES: dict[tuple[Cluster, MeshSpec, str], dict[tuple[object, ...], EdgePrice]] = {}
+_EDGE_CACHES_KEPT = 8
+
+
+def _edge_cache(cluster: Cluster, mesh: MeshSpec, precision: str) -> dict[tuple[object, ...], EdgePrice]:
+    """The edge prices of one cluster, mesh and precision, shared by every Pricer of them.
+
+    An edge's price depends on nothing else (not the optimizer), and planning the same mesh again (a
+    memory sweep, the step search's micro-batch sizes, a test's replans) meets the same tensors moved
+    between the same placements: pricing them is half of a small model's planning time. The most
+    recently created 8 are kept."""
+    key = (cluster, mesh, precision)
+    cache = _EDGE_CACHES.pop(key, None)
+    if cache is None:
+        cache = {}
+        while len(_EDGE_CACHES) >= _EDGE_CACHES_KEPT:
+            del _EDGE_CACHES[next(iter(_EDGE_CACHES))]
+    _EDGE_CACHES[key] = cache  # most recent last
+    return cache
 
 
 _COLLECTIVES = {

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -213,7 +214,9 @@ def main(names: list[str]) -> None:
                 for opt in sorted({CASES[c.rpartition("/")[2]].optimizer for c in cases})
             }
             for case in cases:
+                start = time.perf_counter()
                 results[case] = check(case, model, batches, refs[CASES[case.rpartition("/")[2]].optimizer])
+                results[case]["seconds"] = round(time.perf_counter() - start, 1)  # to choose what CI samples
         session.result = results
 
 

@@ -1,0 +1,27 @@
+"""Fixtures shared by the single-process distributed tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch.distributed as dist
+
+FAKE_WORLD = 4
+
+
+@pytest.fixture(scope="module")
+def fake_world() -> Iterator[int]:
+    """A fake process group of 4 ranks for DTensor on one process (LocalTensorMode runs each rank's
+    piece); DTensor's per-layout caches are reset on both sides, since each module builds its meshes."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from autoshard.strategies._dtensor import reset_caches
+
+    if dist.is_initialized():
+        pytest.skip("another process group is already initialised in this process")
+    reset_caches()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=FAKE_WORLD)
+    yield FAKE_WORLD
+    dist.destroy_process_group()
+    reset_caches()
