@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.autoshard-installed
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench clean
 
@@ -19,7 +20,8 @@ demo: $(STAMP)
 	$(PY) -m autoshard.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	# two workers: most tests are one single-threaded process; the slow ones start first (tests/conftest.py)
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/capture_time.py

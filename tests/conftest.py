@@ -25,3 +25,9 @@ def fake_world() -> Iterator[int]:
     yield FAKE_WORLD
     dist.destroy_process_group()
     reset_caches()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow (multi-process, long) tests first: under `pytest -n` the workers then share out the short
+    ones at the end instead of one worker finishing a 2-minute torchrun alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
