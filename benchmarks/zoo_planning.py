@@ -88,7 +88,9 @@ def main(names: list[str]) -> None:
             print(f"{name:10s} {size:5s} {what:8s} {shown} {row.get('mesh', '')}", flush=True)
     tiny = [r for r in rows if r["size"] == "tiny" and r["what"] == "plan"]
     summary = {
-        "all_ok": all(r.get("ok") for r in rows),
+        "all_ran": all(r.get("ok") for r in rows),
+        "tiny_plans_within_target": sum(1 for r in tiny if r.get("ok") and r["seconds"] < TINY_TARGET_S),
+        "tiny_plans": len(tiny),
         "tiny_plan_max_s": max((r.get("seconds", float("inf")) for r in tiny), default=None),
         "tiny_plan_target_s": TINY_TARGET_S,
         "large_plans_ok": sum(1 for r in rows if r["size"] == "large" and r.get("ok")),
