@@ -11,7 +11,7 @@ from autoshard.errors import AutoshardError, CaptureError, InputError
 from autoshard.hints import TensorHint, pipeline_stage, recompute, shard, shardable
 from autoshard.ir import GraphIR, NodeInfo, ParamInfo, TensorMeta
 from autoshard.ir.plan import Plan
-from autoshard.runtime import CompiledModel, compile
+from autoshard.runtime import CompiledModel, ShardedModule, compile
 from autoshard.solver.problem import NoFeasiblePlan
 from autoshard.solver.search import plan, plan_graph
 
@@ -20,6 +20,7 @@ __all__ = [
     "CaptureError",
     "Cluster",
     "CompiledModel",
+    "ShardedModule",
     "GraphIR",
     "InputError",
     "NoFeasiblePlan",

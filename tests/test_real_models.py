@@ -52,7 +52,7 @@ def check_trains_like_one_device(name: str, mesh: dict[str, int], *, lr: float =
         for step in range(STEPS):
             losses.append(compiled.train_step(**inputs))
             if step == 0:
-                grads = {n: value(p.grad.full_tensor()) for n, p in compiled.parameters.items()}
+                grads = {n: value(p.grad.full_tensor()) for n, p in compiled.named_parameters()}
         params = {n: value(t) for n, t in compiled.full_state_dict().items()}
     for got, want in zip(losses, ref_losses, strict=True):
         assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-5), (losses, ref_losses)

@@ -67,7 +67,7 @@ def check_against_single_device(model, inputs, compiled, optimizer, lr, tol) -> 
         losses, grads, params = run(compiled, inputs)
     for step, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
         assert math.isclose(got, want, rel_tol=tol, abs_tol=tol), f"loss of step {step}: {got} != {want}"
-    assert set(grads) == set(compiled.parameters)
+    assert set(grads) == {n for n, _ in compiled.named_parameters()}
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=tol, atol=tol, msg=lambda m, n=name: f"grad {n}: {m}")
     assert set(params) == set(ref_params)
@@ -175,8 +175,8 @@ def test_bf16_mixed_trains_close_to_fp32(fake_world) -> None:
         with seen:
             losses = [compiled.train_step(*inputs)]
         losses += [compiled.train_step(*inputs) for _ in range(STEPS - 1)]
-        dtypes = {p.to_local().dtype for p in compiled.parameters.values()}
-        dtypes |= {t.to_local().dtype for p in compiled.parameters.values() for t in (p.grad,) if t is not None}
+        dtypes = {p.to_local().dtype for p in compiled.parameters()}
+        dtypes |= {t.to_local().dtype for p in compiled.parameters() for t in (p.grad,) if t is not None}
     ref_losses, _, _ = reference_run(model, inputs, "sgd", 0.1)
     assert torch.bfloat16 in seen.dtypes  # the matmuls really ran in bf16
     assert dtypes == {torch.float32}  # the master weights and their gradients did not

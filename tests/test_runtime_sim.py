@@ -116,7 +116,7 @@ def distributed_run(compiled: CompiledModel, inputs: tuple):
     for step in range(STEPS):
         losses.append(compiled.train_step(*inputs))
         if step == 0:
-            first_grads = {n: value(p.grad.full_tensor()) for n, p in compiled.parameters.items()}
+            first_grads = {n: value(p.grad.full_tensor()) for n, p in compiled.named_parameters()}
     return losses, first_grads, {n: value(t) for n, t in compiled.full_state_dict().items()}
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.distributed.tensor import Replicate, Shard
 
 import autoshard
 from autoshard.cost_model import Cluster
@@ -301,3 +302,15 @@ def test_a_pinned_dp_that_does_not_divide_the_batch_is_refused(mesh) -> None:
     ir = autoshard.capture(build("gpt-tiny", device="meta"), tokens(2, 16))
     with pytest.raises(autoshard.InputError, match=r"dp=4, which does not divide the example batch of 2 .* among \[1, 2\]"):
         autoshard.plan_graph(ir, cpu(4), mesh=mesh)
+
+
+def test_forced_parameter_placements_reach_the_final_plan_of_a_searched_step() -> None:
+    """A manual strategy given with a step decision pinned (so the step search runs) is in the plan
+    that comes out: the final dp x tp operator plan once solved without it (a dropped hint)."""
+    model = build("gpt-tiny", device="meta")
+    forced = {"*.mlp.c_fc.weight": (Replicate(), Shard(0)), "*.mlp.c_proj.weight": (Replicate(), Shard(1))}
+    plan = autoshard.plan(model, tokens(8, 16), "cpu:4", mesh={"dp": 2, "tp": 2}, zero_stage=0, param_placements=forced)
+    assert dict(plan.mesh) == {"dp": 2, "tp": 2}
+    for name in ("transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"):
+        assert plan.params[name] == "(R, S(0))", plan.params
+    assert plan.params["transformer.h.0.mlp.c_proj.weight"] == "(R, S(1))"

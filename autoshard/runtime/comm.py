@@ -221,8 +221,12 @@ def measure_comm(compiled: CompiledModel, *inputs: Any) -> CommReport:
     group_axes = {mesh.get_group(axis).group_name: axis for axis in names}
     axis_sizes = {axis: mesh.size(i) for i, axis in enumerate(names)}
     mode = _RecordingCommMode(group_axes, axis_sizes)
+    optimizer = compiled.builtin_optimizer()
+    optimizer.zero_grad(set_to_none=True)
     with mode:
-        loss = compiled._train_step(inputs, phase=mode.in_phase)
+        loss = compiled._step(inputs, phase=mode.in_phase)
+        with mode.in_phase("optimizer"):
+            optimizer.step()
     issued: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # count, bytes, scalars
     sent: dict[tuple[str, str, str], float] = defaultdict(float)
     for r in mode.records:

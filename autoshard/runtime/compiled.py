@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager
@@ -24,7 +23,6 @@ from typing import TYPE_CHECKING, Any, ContextManager
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.export.graph_signature import InputKind, OutputKind
@@ -39,6 +37,7 @@ from autoshard.ir.plan import Plan
 from autoshard.passes.codegen import codegen, use_mesh
 from autoshard.runtime.materialize import materialize_shards
 from autoshard.runtime.precision import autocast
+from autoshard.runtime.world import DEFAULT_TIMEOUT_S, ensure_process_group
 from autoshard.runtime.micro_batches import BatchLayout, first_micro_batch, split_micro_batches
 from autoshard.runtime.fsdp import (
     ProgramScope,
@@ -50,6 +49,7 @@ from autoshard.runtime.fsdp import (
     shard_with_fsdp,
     unread_parameters,
 )
+from autoshard.runtime.module import ShardedModule, as_float, build_mesh, optimizer_factory, owned_copy, param_spec
 from autoshard.strategies._dtensor import outside_local_tensor_mode
 from autoshard.strategies.mesh import spec_from_str
 
@@ -58,17 +58,6 @@ if TYPE_CHECKING:
     from autoshard.runtime.pipeline import PipelinedModel
 
 __all__ = ["CompiledModel", "compile"]
-
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
-
-
-def optimizer_factory(name: str, lr: float, **kwargs: Any) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
-    """`make(params)` building optimizer `name` ("sgd" or "adamw") at `lr` over `params`."""
-    if name not in OPTIMIZERS:
-        raise InputError(f"expected optimizer in {tuple(OPTIMIZERS)}, found {name!r}; pass optimizer='sgd' or 'adamw'")
-    cls = OPTIMIZERS[name]
-    return lambda params: cls(params, lr=lr, **kwargs)
-
 
 def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     model: nn.Module,
@@ -81,6 +70,7 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     lr: float = 1e-3,
     loss_fn: Callable[..., torch.Tensor] | None = None,
     seed: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     **optimizer_kwargs: Any,
 ) -> CompiledModel | PipelinedModel:
     """Capture, plan (unless `plan` is given), generate code and shard `model` over the process group.
@@ -95,15 +85,14 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     A plan with pipeline stages (`plan.training.pp > 1`) returns a `PipelinedModel` (runtime/pipeline.py): its
     example inputs are one micro-batch (the global batch is cut to its first), `train_step` takes the global batch.
 
+    With no process group, one is started (runtime/world.py): torchrun's, or a one-process group, with a
+    collective timeout of `timeout_s`.
+
     A model built on the meta device (too big for one device) needs `seed`: only each rank's shards are
     materialised, equal to the model built on cpu after `torch.manual_seed(seed)` (runtime/materialize.py).
     """
     optimizer_factory(optimizer, lr)  # a bad name is refused before anything is captured or planned
-    if not dist.is_initialized():
-        raise InputError(
-            "expected an initialised default process group, found none; "
-            "call torch.distributed.init_process_group(...) on every rank before autoshard.compile"
-        )
+    ensure_process_group(timeout_s)
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta and seed is None:
         raise InputError(
@@ -191,8 +180,9 @@ def _planned_on_rank_0(make_plan: Callable[[], Plan]) -> Plan:
     raise RuntimeError(f"planning failed on rank 0 ({payload}); see rank 0's traceback")
 
 
-class CompiledModel:
-    """A model sharded per `plan`, with forward, train_step and full_state_dict."""
+class CompiledModel(ShardedModule):
+    """A model sharded per `plan`: an nn.Module under the model's names (runtime/module.py), with
+    forward, step, train_step, clip_grad_norm_ and full_state_dict."""
 
     def __init__(
         self,
@@ -206,11 +196,12 @@ class CompiledModel:
         seed: int | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
-        self.training = t = plan.training
+        super().__init__()
+        self._training = t = plan.training
         self.plan = plan
         self.ir = ir
         self.loss_fn = loss_fn
-        self.mesh = _build_mesh(plan)
+        self.mesh = build_mesh(plan)
         # ZeRO runs as FSDP2 (runtime/fsdp.py): the program takes parameters replicated over dp (FSDP
         # stores the shards and gathers them), and recomputation is applied when the blocks are outlined
         run_plan = plan
@@ -219,13 +210,13 @@ class CompiledModel:
             if t.zero_stage == 3:
                 run_plan = replicated_over_dp(plan)
             run_plan = dataclasses.replace(run_plan, training=dataclasses.replace(t, recompute=()))
-        self.graph_module: GraphModule = codegen(ir, run_plan, device=self.mesh.device_type)
+        self._hold(graph_module=codegen(ir, run_plan, device=self.mesh.device_type))
         self._decisions = {d.node: d for d in plan.nodes}
         self._names: dict[str, tuple[str, ...]] = {}  # canonical parameter name -> every name (tied weights)
-        self.parameters: dict[str, nn.Parameter] = {}
+        self._params: dict[str, nn.Parameter] = {}  # by canonical name, as the program reads them
         unread = unread_parameters(ir)  # replicated, held by the program, in the state dict (runtime/fsdp.py)
         specs = {
-            info.name: _param_spec(
+            info.name: param_spec(
                 info.name,
                 plan.replicated_spec() if info.name in unread
                 else run_plan.params.get(info.name) or self._placement_of(info.nodes[0] if info.nodes else ""),
@@ -235,18 +226,18 @@ class CompiledModel:
         if any(p.is_meta for p in model.parameters()):
             if seed is None:
                 raise InputError("expected seed=... for a model on the meta device; see autoshard.compile")
-            shards = materialize_shards(model, self.mesh, specs, seed=seed, owned=_owned_copy)
+            shards = materialize_shards(model, self.mesh, specs, seed=seed, owned=owned_copy)
         else:
             shards = {
-                name: distribute_tensor(_owned_copy(model.get_parameter(name).detach()), self.mesh, spec)
+                name: distribute_tensor(owned_copy(model.get_parameter(name).detach()), self.mesh, spec)
                 for name, spec in specs.items()
             }
         for info in ir.params:
-            self.parameters[info.name] = nn.Parameter(
+            self._params[info.name] = nn.Parameter(
                 shards[info.name], requires_grad=model.get_parameter(info.name).requires_grad
             )
             self._names[info.name] = info.names
-        self.buffers: dict[str, torch.Tensor] = {}  # by the model's buffer name
+        self._program_buffers: dict[str, torch.Tensor] = {}  # by the model's buffer name
         self._persistent: set[str] = set()
         self._signature = self._placeholder_sources(model, ir)
         # the model's own outputs among the graph's (in-place buffer updates may be outputs too)
@@ -254,20 +245,20 @@ class CompiledModel:
             i for i, o in enumerate(ir.exported.graph_signature.output_specs) if o.kind is OutputKind.USER_OUTPUT
         ]
         self._batch = BatchLayout.of(ir, plan)  # which inputs carry the batch, and the rows the plan runs
-        make_optimizer = optimizer_factory(optimizer, lr, **optimizer_kwargs)
+        self._make_builtin = optimizer_factory(optimizer, lr, **optimizer_kwargs)
 
         self.program: ProgramScope | None = None  # the program as FSDP2 modules, under ZeRO
         self.fsdp: list[FSDPModule] = []
         if t.zero_stage:
-            self.program = scoped_program(self.graph_module, ir, t, self.parameters)
-            self.fsdp = shard_with_fsdp(self.program, self.program.blocks(), self.mesh, t.zero_stage)
-            self.parameters = {c: self.program.parameter(c) for c in self.parameters}  # FSDP's shards
+            program = scoped_program(self.graph_module, ir, t, self._params)
+            self._hold(program=program, fsdp=shard_with_fsdp(program, program.blocks(), self.mesh, t.zero_stage))
+            self._params = {c: program.parameter(c) for c in self._params}  # FSDP's shards
         # under ZeRO the optimizer steps dp shards: its state is sharded with them
-        self.optimizer = make_optimizer(list(self.parameters.values()))
+        self._adopt(self._names, self._params, self._program_buffers, self._persistent)
 
     # ---- running ------------------------------------------------------------------------------------
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Forward on one micro-batch of every replica (the global batch when the plan runs one), called
         as the model is; the model's outputs come back as full (unsharded) tensors, in the model's own
         structure (a ModelOutput, a tuple, a tensor)."""
@@ -278,11 +269,8 @@ class CompiledModel:
         full = [o.full_tensor() if isinstance(o, DTensor) else o for o in outputs]
         return torch.utils._pytree.tree_unflatten([full[i] for i in self._user_outputs], self.ir.exported.call_spec.out_spec)
 
-    def train_step(self, *args: Any, **kwargs: Any) -> float:
-        """One step on the global batch, called as the model is (`train_step(input_ids=..., labels=...)`):
-        forward, backward through DTensor autograd, gradients to the parameters' placements, optimizer
-        step. Returns the loss as a float."""
-        return self._train_step(self._flat(args, kwargs))
+    def _forward_backward(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
+        return self._step(self._flat(args, kwargs))
 
     def comm_report(self, *args: Any, **kwargs: Any) -> CommReport:
         """Run one training step (it updates the parameters) and return the collectives it issued next to
@@ -300,18 +288,15 @@ class CompiledModel:
             return self.loss_fn(*(outputs[i] for i in self._user_outputs))
         return outputs[self.ir.loss.index if self.ir.loss is not None and self.ir.loss.index is not None else 0]
 
-    def _train_step(
-        self, inputs: Sequence[Any], *, phase: Callable[[str], ContextManager[None]] | None = None
-    ) -> float:
-        """`train_step`, with `phase(name)` entered around forward, backward and the optimizer step (so
-        communication accounting can attribute each collective to its phase)."""
+    def _step(self, inputs: Sequence[Any], *, phase: Callable[[str], ContextManager[None]] | None = None) -> float:
+        """`step`, with `phase(name)` entered around forward and backward (so communication accounting
+        can attribute each collective to its phase)."""
         phase = phase or (lambda _name: contextlib.nullcontext())
         chunks = split_micro_batches(inputs, self._batch)
-        self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for k, chunk in enumerate(chunks):  # gradient accumulation: one backward per micro-batch
             if self.fsdp:  # when FSDP gathers, frees and reduce-scatters (ZeRO's stage)
-                before_micro_batch(self.fsdp, self.training.zero_stage, last=k == len(chunks) - 1)
+                before_micro_batch(self.fsdp, self._training.zero_stage, last=k == len(chunks) - 1)
             with phase("forward"), self._autocast():
                 outputs = self._run(chunk)
                 loss = self._loss(outputs)
@@ -323,25 +308,23 @@ class CompiledModel:
             with phase("backward"):
                 (loss / len(chunks) if len(chunks) > 1 else loss).backward()
             value = loss.full_tensor() if isinstance(loss, DTensor) else loss
-            total += _as_float(value.detach())
+            total += as_float(value.detach())
         with phase("backward"):
             self._settle_gradients()
-        with phase("optimizer"):
-            self.optimizer.step()
         return total / len(chunks)
 
     def _autocast(self) -> ContextManager[Any]:
-        return autocast(self.training.precision, self.mesh.device_type)
+        return autocast(self._training.precision, self.mesh.device_type)
 
     def gradients(self) -> dict[str, DTensor]:
         """Each parameter's gradient after the last backward, by canonical name (under ZeRO, FSDP's dp
         shard of it: the only one kept)."""
-        return {n: p.grad for n, p in self.parameters.items() if p.grad is not None}
+        return {n: p.grad for n, p in self._params.items() if p.grad is not None}
 
     def _settle_gradients(self) -> None:
         """Bring each gradient to its parameter's placement (the dp gradient all-reduce, a local slice
         where DTensor returned a replicated gradient): the optimizer then updates shards in place."""
-        for p in self.parameters.values():
+        for p in self._params.values():
             if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
                 p.grad = p.grad.redistribute(p.device_mesh, p.placements)
 
@@ -355,9 +338,9 @@ class CompiledModel:
         values = {}
         for name, kind, source in self._signature:
             if kind == "parameter":
-                values[name] = self.parameters[source]
+                values[name] = self._params[source]
             elif kind == "buffer":
-                values[name] = self.buffers[source]
+                values[name] = self._program_buffers[source]
             elif kind == "tensor":
                 values[name] = self._distribute(name, source)
             else:
@@ -397,11 +380,11 @@ class CompiledModel:
         the persistent buffers (BatchNorm's running statistics, as training has updated them): the keys
         of the model's own `state_dict()`."""
         out: dict[str, torch.Tensor] = {}
-        for canonical, p in self.parameters.items():
+        for canonical, p in self._params.items():
             full = full_value(p.detach())
             for name in self._names[canonical]:
                 out[name] = full
-        for name, b in self.buffers.items():
+        for name, b in self._program_buffers.items():
             if name in self._persistent:
                 out[name] = full_value(b.detach())
         return out
@@ -428,9 +411,9 @@ class CompiledModel:
             elif spec.kind is InputKind.BUFFER:
                 # the program's own copy, kept across steps: in-place updates (BatchNorm's running
                 # statistics) land here, never in the user's module
-                if spec.target not in self.buffers:
-                    value = _owned_copy(model.get_buffer(spec.target).detach())
-                    self.buffers[spec.target] = distribute_tensor(value, self.mesh, spec_from_str(self._placement_of(name)))
+                if spec.target not in self._program_buffers:
+                    value = owned_copy(model.get_buffer(spec.target).detach())
+                    self._program_buffers[spec.target] = distribute_tensor(value, self.mesh, spec_from_str(self._placement_of(name)))
                     if spec.persistent:
                         self._persistent.add(spec.target)
                 out.append((name, "buffer", spec.target))
@@ -440,56 +423,3 @@ class CompiledModel:
                 out.append((name, "input", None))
                 self._user_inputs.append(name)
         return out
-
-
-def _build_mesh(plan: Plan) -> DeviceMesh:
-    names = tuple(plan.mesh)
-    sizes = tuple(int(plan.mesh[a]) for a in names)
-    world = dist.get_world_size()
-    if math.prod(sizes) != world:
-        raise InputError(
-            f"expected the process group's world size to equal the plan's mesh {dict(plan.mesh)} "
-            f"({math.prod(sizes)} devices), found world size {world}; launch {math.prod(sizes)} ranks "
-            "or plan for this many devices"
-        )
-    # one DeviceMesh object per layout in a world: DTensor's caches hand back specs on the first mesh of
-    # a layout, and FSDP2 requires a parameter's mesh to be the very mesh it is given
-    key = (names, sizes, dist.get_backend(), id(dist.group.WORLD))
-    if key not in _MESHES:
-        _MESHES[key] = init_device_mesh("cpu", sizes, mesh_dim_names=names)
-    return _MESHES[key]
-
-
-def _submesh(mesh: DeviceMesh, names: tuple[str, ...]) -> DeviceMesh:
-    """`mesh[names]`, one object per (mesh, names), for the same reason as `_build_mesh`."""
-    key = (id(mesh), names)
-    if key not in _MESHES:
-        _MESHES[key] = mesh[names]
-    return _MESHES[key]
-
-
-_MESHES: dict[tuple, DeviceMesh] = {}  # cleared by strategies._dtensor.reset_caches
-
-
-def _param_spec(name: str, placement: str) -> tuple:
-    spec = spec_from_str(placement)
-    if any(p.is_partial() for p in spec):
-        raise InputError(
-            f"expected parameter {name} to be replicated or sharded, found the plan's placement {placement}; "
-            "a parameter cannot be partial: plan again"
-        )
-    return spec
-
-
-def _owned_copy(t: torch.Tensor) -> torch.Tensor:
-    """A fresh tensor holding `t`'s values. `distribute_tensor` keeps a replicated tensor as is, so without
-    the copy the optimizer would update the user's model in place (and, under LocalTensorMode, every
-    simulated rank would update one shared storage). Created by a factory call so each rank owns it."""
-    owned = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    return owned.copy_(t)
-
-
-def _as_float(t: torch.Tensor) -> float:
-    """A replicated scalar as a Python float (under LocalTensorMode simulation: the ranks' common value)."""
-    reconcile = getattr(t, "reconcile", None)
-    return float(reconcile().item() if callable(reconcile) else t.item())

@@ -41,6 +41,7 @@ the parameters no node reads are stage 0's);
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,6 +63,7 @@ from autoshard.passes.stages import StageGraph, StageSplit, split_stages
 from autoshard.capture.calls import flatten_call
 from autoshard.runtime.micro_batches import BatchLayout, first_micro_batch
 from autoshard.runtime.precision import autocast
+from autoshard.runtime.module import ShardedModule, build_mesh, optimizer_factory, owned_copy, param_spec, submesh
 from autoshard.runtime.fsdp import (
     ProgramScope,
     check_zero_mesh,
@@ -172,8 +174,9 @@ class _LossFn:
         return loss / self.num_micro_batches
 
 
-class PipelinedModel:
-    """A plan with pipeline stages: `train_step`, `full_state_dict`, `parameters`, as CompiledModel."""
+class PipelinedModel(ShardedModule):
+    """A plan with pipeline stages: an nn.Module holding this rank's stages' parameters under the
+    model's names, with `step`, `train_step`, `clip_grad_norm_` and `full_state_dict` (runtime/module.py)."""
 
     def __init__(
         self,
@@ -185,8 +188,7 @@ class PipelinedModel:
         lr: float = 1e-3,
         **optimizer_kwargs: Any,
     ) -> None:
-        from autoshard.runtime.compiled import _build_mesh, _owned_copy, _param_spec, _submesh, optimizer_factory
-
+        super().__init__()
         t = plan.training
         _check_plan(plan)
         # the operator plan every stage runs on the (dp, tp ...) sub-mesh; ZeRO-3 stores parameters
@@ -196,15 +198,15 @@ class PipelinedModel:
             check_zero_mesh(op_plan.mesh, t.zero_stage)
             if t.zero_stage == 3:
                 op_plan = replicated_over_dp(op_plan)
-        self.plan, self.ir, self.training = plan, ir, t
-        self.mesh = _build_mesh(plan)
-        self.operator_mesh: DeviceMesh = _submesh(self.mesh, tuple(plan.operator_mesh))
+        self.plan, self.ir, self._training = plan, ir, t
+        self.mesh = build_mesh(plan)
+        self.operator_mesh: DeviceMesh = submesh(self.mesh, tuple(plan.operator_mesh))
         self.pp_group = self.mesh.get_group("pp")
         self.pp_rank = self.mesh.get_local_rank("pp")
         # recomputation is applied per stage, after the cut: a checkpointed block is one call node that
         # the split could not look inside
         whole = dataclasses.replace(op_plan, training=dataclasses.replace(t, recompute=()))
-        self.graph_module = codegen(ir, whole, device=self.mesh.device_type)
+        self._hold(graph_module=codegen(ir, whole, device=self.mesh.device_type))
         self.split: StageSplit = split_stages(self.graph_module, ir, t)
         self.stage_ids = tuple(range(self.pp_rank, len(t.stages), t.pp))
         module_of = {info.name: info.module for info in ir.nodes}
@@ -220,7 +222,7 @@ class PipelinedModel:
         # in eager) and checkpointed as the rest (runtime/fsdp.py unread_parameters)
         unread = unread_parameters(ir)
         placements = {
-            info.name: _param_spec(
+            info.name: param_spec(
                 info.name,
                 op_plan.replicated_spec() if info.name in unread else op_plan.params.get(info.name) or op_plan.replicated_spec(),
             )
@@ -241,20 +243,35 @@ class PipelinedModel:
             spec = tuple(Replicate() if p.is_partial() else p for p in produced)
             return _Boundary(spec, val.shape)
 
-        # one copy of each parameter per stage that reads it; copies of a shared parameter are summed later
+        # one copy of each parameter per pp rank whose stages read it (stages of one rank share it: an
+        # optimizer over `parameters()` steps every copy); the copies of a shared parameter on several pp
+        # ranks have their gradients summed after backward
         self.stage_params: dict[int, dict[str, nn.Parameter]] = {}
-        self.modules: list[_StageModule] = []
+        self.stage_modules: list[_StageModule] = []
+        on_rank: dict[str, int] = {}  # canonical -> the first of this rank's stages that reads it
         for sid in self.stage_ids:
             piece = self.split.stages[sid]
             by_canonical: dict[str, nn.Parameter] = {}
             held = sorted(unread) if sid == 0 else []  # read by no placeholder of any stage
             for c in [*(canonical[n] for n in piece.state if n in canonical), *held]:
-                if c not in by_canonical:
-                    full = _owned_copy(model.get_parameter(c).detach())
-                    by_canonical[c] = nn.Parameter(
-                        distribute_tensor(full, self.operator_mesh, placements[c]),
-                        requires_grad=model.get_parameter(c).requires_grad,
-                    )
+                if c in by_canonical:
+                    continue
+                if c in on_rank:
+                    if t.zero_stage:
+                        raise InputError(
+                            f"parameter {c} is read by stages {on_rank[c]} and {sid}, which run on one pp rank; "
+                            "under ZeRO each stage is its own FSDP2 group and a parameter can belong to one "
+                            "only; plan without ZeRO, without interleaving (virtual stages), or with "
+                            "pipeline_stage hints that keep the readers on one stage"
+                        )
+                    by_canonical[c] = self.stage_params[on_rank[c]][c]
+                    continue
+                on_rank[c] = sid
+                full = owned_copy(model.get_parameter(c).detach())
+                by_canonical[c] = nn.Parameter(
+                    distribute_tensor(full, self.operator_mesh, placements[c]),
+                    requires_grad=model.get_parameter(c).requires_grad,
+                )
             params = {n: by_canonical[canonical[n]] for n in piece.state if n in canonical}
             self.stage_params[sid] = by_canonical
             inputs = [
@@ -271,16 +288,22 @@ class PipelinedModel:
             if scope is not None:  # each block, then the stage: FSDP groups; the stage is what pipelining sees
                 shard_with_fsdp(module, scope.blocks(), self.operator_mesh, t.zero_stage)
                 self.stage_params[sid] = {c: scope.parameter(c) for c in by_canonical}
-            self.modules.append(module)
-        self.parameters: dict[str, nn.Parameter] = {}
+            self.stage_modules.append(module)
+        self._params: dict[str, nn.Parameter] = {}  # this rank's first copy of each, by canonical name
         for sid in self.stage_ids:
             for c, p in self.stage_params[sid].items():
-                self.parameters.setdefault(c, p)
+                self._params.setdefault(c, p)
         readers: dict[str, int] = {}
         for piece in self.split.stages:
             for c in {canonical[n] for n in piece.state if n in canonical}:
                 readers[c] = readers.get(c, 0) + 1
         self._shared = sorted(c for c, k in readers.items() if k > 1)  # the same list on every rank
+        # the global gradient norm counts each parameter once: on the rank of the first stage reading it
+        first_reader = {info.name: 0 for info in ir.params}
+        for sid in reversed(range(len(self.split.stages))):
+            for c in {canonical[n] for n in self.split.stages[sid].state if n in canonical}:
+                first_reader[c] = sid
+        self._counted = sorted(c for c in self._params if first_reader[c] in self.stage_ids)
         self._placements = placements
         self._shapes = {info.name: (info.meta.shape, info.meta.dtype) for info in ir.params}
 
@@ -292,7 +315,7 @@ class PipelinedModel:
         device = torch.device(self.mesh.device_type)
         self.stages = [
             PipelineStage(m, sid, len(t.stages), device, group=self.pp_group)
-            for m, sid in zip(self.modules, self.stage_ids, strict=True)
+            for m, sid in zip(self.stage_modules, self.stage_ids, strict=True)
         ]
         # loss_fn scales each micro-batch's loss; the schedule's scale_grads would divide `p.grad`, which
         # ZeRO-2 has already moved into the dp shard
@@ -300,24 +323,28 @@ class PipelinedModel:
         first = self.stages if t.schedule == "interleaved-1f1b" else self.stages[0]
         self.schedule = schedule(first, t.num_micro_batches, loss_fn=self.loss_fn, scale_grads=False)
 
-        make_optimizer = optimizer_factory(optimizer, lr, **optimizer_kwargs)
-
         # every copy of a parameter is stepped (the copies of a shared one take equal, summed gradients);
         # under ZeRO the copies are FSDP's dp shards, so the optimizer state is sharded with them
-        self.optimizer = make_optimizer([p for sid in self.stage_ids for p in self.stage_params[sid].values()])
+        self._make_builtin = optimizer_factory(optimizer, lr, **optimizer_kwargs)
         self._shared_shapes = self._exchange_shared_shapes()
+        read = {n for sid in self.stage_ids for n in self.split.stages[sid].state}
+        self._adopt(  # last: the model's names must not meet an attribute set after them
+            self._names,
+            self._params,
+            {self._buffer_names[n]: self._tensors[n] for n in sorted(read) if n in self._buffer_names},
+            persistent=self._buffer_names.values(),
+        )
 
     # ---- running ------------------------------------------------------------------------------------
 
-    def train_step(self, *args: Any, **kwargs: Any) -> float:
-        """One step on the global batch (identical on every rank): the schedule's forward and backward over
+    def _forward_backward(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
+        """`step` on the global batch (identical on every rank): the schedule's forward and backward over
         `num_micro_batches` micro-batches, gradients to their parameters' placements, shared parameters'
-        gradients summed, optimizer step. Returns the mean loss over the global batch on every rank."""
+        gradients summed. Returns the mean loss over the global batch on every rank."""
         args, target = self._micro_batched(flatten_call(self.ir.exported, args, kwargs))
-        self.optimizer.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
         has_first = 0 in self.stage_ids
-        has_last = len(self.training.stages) - 1 in self.stage_ids
+        has_last = len(self._training.stages) - 1 in self.stage_ids
         self.schedule.step(
             *(args if has_first else ()),
             target=target if has_last else None,
@@ -329,10 +356,9 @@ class PipelinedModel:
                 if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
                     p.grad = p.grad.redistribute(p.device_mesh, p.placements)
         self._sum_shared_gradients()
-        self.optimizer.step()
         loss = torch.stack([x.detach() for x in losses]).sum() if has_last else torch.zeros(())
         loss = loss.reshape(()).to(torch.float32).clone()
-        src = dist.get_global_rank(self.pp_group, self.training.pp - 1)
+        src = dist.get_global_rank(self.pp_group, self._training.pp - 1)
         dist.broadcast(loss, src=src, group=self.pp_group)
         return float(loss)
 
@@ -343,7 +369,7 @@ class PipelinedModel:
                 "pass the global batch of the same arguments as the example inputs"
             )
         self._batch.check(inputs, entry="train_step")
-        n = self.training.num_micro_batches
+        n = self._training.num_micro_batches
         for name, x in zip(self._user_inputs, inputs, strict=True):  # the dims beyond the batch
             micro = self._micro_shapes.get(name)
             if micro is None or not isinstance(x, torch.Tensor):
@@ -369,14 +395,14 @@ class PipelinedModel:
             for c in self._shared
             if c in self.stage_params[sid]
         }
-        every: list[Any] = [None] * self.training.pp
+        every: list[Any] = [None] * self._training.pp
         dist.all_gather_object(every, mine, group=self.pp_group)
         return {c: shape for part in every for c, shape in part.items()}
 
     def _sum_shared_gradients(self) -> None:
         """Sum the gradients of a parameter's copies on every stage that reads it (over the pp axis)."""
         for c in self._shared:
-            holders = [self.stage_params[sid][c] for sid in self.stage_ids if c in self.stage_params[sid]]
+            holders = list({id(p): p for sid in self.stage_ids for p in [self.stage_params[sid].get(c)] if p is not None}.values())
             if holders and not holders[0].requires_grad:
                 continue
             if holders:
@@ -391,6 +417,18 @@ class PipelinedModel:
                 h.grad = DTensor.from_local(
                     total.clone(), h.device_mesh, h.placements, run_check=False, shape=h.shape, stride=h.stride()
                 )
+
+    def _norm_parameters(self) -> list[nn.Parameter]:
+        return [self._params[c] for c in self._counted]
+
+    def _combine_norms(self, local: torch.Tensor, norm_type: float) -> torch.Tensor:
+        """The norm over every pp rank's counted parameters (each rank's operator mesh already agrees)."""
+        if math.isinf(norm_type):
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.pp_group)
+            return local
+        power = local.pow(norm_type)
+        dist.all_reduce(power, group=self.pp_group)
+        return power.pow(1.0 / norm_type)
 
     # ---- inspection -----------------------------------------------------------------------------------
 
@@ -410,18 +448,18 @@ class PipelinedModel:
         """Each of this rank's stages' generated source, under a header naming the stage."""
         return "\n".join(
             f"# ---- stage {sid} ----\n{m.scope.code() if m.scope is not None else m.graph_module.code}"
-            for sid, m in zip(self.stage_ids, self.modules, strict=True)
+            for sid, m in zip(self.stage_ids, self.stage_modules, strict=True)
         )
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every stage's parameters, unsharded, under every name the model uses, and the persistent
         buffers as the stage that reads them holds them, on every rank (collective)."""
-        mine = {c: full_value(p.detach()) for c, p in sorted(self.parameters.items())}
+        mine = {c: full_value(p.detach()) for c, p in sorted(self._params.items())}
         read = {n for sid in self.stage_ids for n in self.split.stages[sid].state}
         buffers = {self._buffer_names[n]: full_value(self._tensors[n].detach()) for n in sorted(read) if n in self._buffer_names}
-        gathered_buffers: list[Any] = [None] * self.training.pp
+        gathered_buffers: list[Any] = [None] * self._training.pp
         dist.all_gather_object(gathered_buffers, buffers, group=self.pp_group)
-        gathered: list[Any] = [None] * self.training.pp
+        gathered: list[Any] = [None] * self._training.pp
         dist.all_gather_object(gathered, mine, group=self.pp_group)
         out: dict[str, torch.Tensor] = {}
         for part in gathered:
@@ -437,15 +475,13 @@ class PipelinedModel:
 
     def _state_tensors(self, model: nn.Module, nodes: Mapping[str, Node], decisions: Mapping[str, Any]) -> dict[str, DTensor]:
         """Buffers and lifted constants as DTensors with their planned placements (every stage may read them)."""
-        from autoshard.runtime.compiled import _owned_copy
-
         ep = self.ir.exported
         out: dict[str, DTensor] = {}
         self._buffer_names: dict[str, str] = {}  # placeholder -> the model's name, persistent buffers only
         for spec in ep.graph_signature.input_specs:
             if spec.kind is InputKind.BUFFER:
                 # the program's own copy: in-place updates (BatchNorm's running statistics) land here
-                value = _owned_copy(model.get_buffer(spec.target).detach())
+                value = owned_copy(model.get_buffer(spec.target).detach())
                 if spec.persistent:
                     self._buffer_names[spec.arg.name] = spec.target
             elif spec.kind is InputKind.CONSTANT_TENSOR:

@@ -33,7 +33,7 @@ def single_device_run(
     batch is a tuple of positional arguments or a dict of keyword arguments; the loss is found in the
     model's output as autoshard finds it (capture/calls.py: a scalar, `.loss`, the scalar of a tuple)."""
     model = copy.deepcopy(model)
-    from autoshard.runtime.compiled import optimizer_factory  # the runtime's own choice of class
+    from autoshard.runtime.module import optimizer_factory  # the runtime's own choice of class
 
     opt = optimizer_factory(optimizer, lr)(list(model.parameters()))
     losses: list[float] = []

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch.distributed.tensor import Placement
+from torch.distributed.tensor import Placement, Replicate
 
 from autoshard.cost_model import Cluster
 from autoshard.errors import CaptureError, InputError
@@ -364,10 +364,16 @@ def _sub_cluster(cluster: Cluster, devices: int) -> Cluster:
 
 
 def _project(placements: Mapping[str, Sequence[Placement]] | None, axes: Sequence[str]) -> dict | None:
-    """A manual strategy given on (dp, tp) restricted to `axes` (its last entries are tp's)."""
+    """A manual strategy given on the mesh's trailing axes (pp, dp, tp: one entry per axis, ending in tp's)
+    restricted to `axes`, each entry taken from the axis of its name; an axis it does not name is
+    Replicate."""
     if not placements:
         return None
-    return {pattern: tuple(spec[-len(axes):]) for pattern, spec in placements.items()}
+    out = {}
+    for pattern, spec in placements.items():
+        named = dict(zip(("pp", "dp", "tp")[-len(spec):], spec, strict=True)) if spec else {}
+        out[pattern] = tuple(named.get(axis, Replicate()) for axis in axes)
+    return out
 
 
 # ---- the winner ----------------------------------------------------------------------------------------
@@ -397,6 +403,7 @@ def _final_plan(
             MeshSpec.of(operator_axes),
             optimizer=optimizer,
             memory_limit=math.inf,
+            param_placements=_project(chains.param_placements, tuple(operator_axes)),
             hints=hints_in_graph(graph.exported) if graph.exported is not None else {},
             time_limit_s=time_limit_s,
             precision=precision,

@@ -126,9 +126,9 @@ def reset_caches() -> None:
     torch._C._clear_DTensor_sharding_propagator_cache()
     _redistribute._gen_transform_infos.cache_clear()
     getattr(_redistribute, "_planner_cache", {}).clear()
-    from autoshard.runtime import compiled
+    from autoshard.runtime import module
 
-    compiled._MESHES.clear()
+    module.MESHES.clear()
 
 
 @functools.cache

@@ -211,7 +211,7 @@ def check_bf16(compiled, batches: list, ref_losses: list[float], ref_params: dic
     problems = []
     if torch.bfloat16 not in seen.dtypes:
         problems.append(f"no matmul ran in bf16 (saw {seen.dtypes})")
-    dtypes = {p.to_local().dtype for p in compiled.parameters.values()}
+    dtypes = {p.to_local().dtype for p in compiled.parameters()}
     dtypes |= {t.dtype for state in compiled.optimizer.state.values() for t in state.values() if torch.is_tensor(t)}
     if dtypes != {torch.float32}:
         problems.append(f"master state is not fp32: {dtypes}")

@@ -174,11 +174,11 @@ def check(name: str, model: nn.Module, batches: list, ref: SingleDeviceRun) -> d
     sharded = sorted(n for n, spec in compiled.plan.params.items() if "S" in spec)
     if "tp" in mesh and not sharded:
         problems.append("the tensor-parallel plan shards no parameter")
-    if set(grads) != {n for n in compiled.parameters if n in ref_grads}:  # nothing for a parameter no node reads
-        problems.append(f"gradients differ from the reference's: {sorted(set(compiled.parameters) ^ set(grads))}")
+    if set(grads) != {n for n, _ in compiled.named_parameters() if n in ref_grads}:  # nothing for a parameter no node reads
+        problems.append(f"gradients differ from the reference's: {sorted({n for n, _ in compiled.named_parameters()} ^ set(grads))}")
     stage = plan.training.zero_stage
-    problems += zero_holdings(compiled.parameters, stage)
-    for n, p in compiled.parameters.items():  # AdamW's moments: the shape of what the optimizer steps
+    problems += zero_holdings(dict(compiled.named_parameters()), stage)
+    for n, p in compiled.named_parameters():  # AdamW's moments: the shape of what the optimizer steps
         for key, t in compiled.optimizer.state.get(p, {}).items():
             if t.ndim and t.to_local().numel() != p.to_local().numel():
                 problems.append(f"AdamW's {key} of {n}: {t.to_local().numel()} elements here, its parameter {p.to_local().numel()}")

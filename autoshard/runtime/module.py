@@ -1,0 +1,257 @@
+"""What every compiled model shares: an `nn.Module` under the model's own names, `step`, clipping.
+
+`autoshard.compile` hands back a `ShardedModule` (CompiledModel, or PipelinedModel for a plan with
+pipeline stages). It is a torch module in the sense torch's own tools rely on:
+
+- `named_parameters()` yields the model's own qualified names (`transformer.h.0.attn.c_attn.weight`),
+  each a DTensor parameter in the plan's placement (under ZeRO, FSDP2's dp shard of it; under
+  pipelining, the stages this rank runs). The names are a tree of plain `nn.Module` containers mirroring
+  the model's, so `state_dict()`, `get_submodule` and torch.distributed.checkpoint's state-dict helpers
+  resolve them. Tied weights are one parameter under every name, as in the model. The generated
+  program and its FSDP2 modules are deliberately not children: they hold the same tensors under
+  internal names that must never reach a state dict.
+- `step(*batch)` runs forward and backward over the global batch and leaves every gradient on its
+  parameter, in the parameter's placement, so any `torch.optim` optimizer built over `parameters()`
+  updates the shards in place. Gradients accumulate across calls as `loss.backward()` does; the user's
+  `optimizer.zero_grad()` clears them.
+- `clip_grad_norm_(max_norm)` clips by the norm over the whole model: every rank and stage, each
+  parameter counted once, with the formula of `torch.nn.utils.clip_grad_norm_`.
+
+The helpers the runtimes share (the DeviceMesh of a plan, a parameter's placement, an owned copy of a
+tensor, the built-in optimizers) live here, public, so neither runtime imports the other's privates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from autoshard.errors import InputError
+from autoshard.ir.plan import Plan
+from autoshard.strategies.mesh import spec_from_str
+
+__all__ = [
+    "OPTIMIZERS",
+    "ShardedModule",
+    "as_float",
+    "build_mesh",
+    "optimizer_factory",
+    "owned_copy",
+    "param_spec",
+    "submesh",
+]
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
+def optimizer_factory(name: str, lr: float, **kwargs: Any) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """`make(params)` building optimizer `name` ("sgd" or "adamw") at `lr` over `params`."""
+    if name not in OPTIMIZERS:
+        raise InputError(f"expected optimizer in {tuple(OPTIMIZERS)}, found {name!r}; pass optimizer='sgd' or 'adamw'")
+    cls = OPTIMIZERS[name]
+    return lambda params: cls(params, lr=lr, **kwargs)
+
+
+class ShardedModule(nn.Module):
+    """A compiled model: parameters under the model's names, `step`, `train_step`, `clip_grad_norm_`.
+
+    Subclasses build the runtime, call `_adopt` with its parameters and buffers, and implement
+    `_forward_backward` (one global batch: forward, backward, gradients settled) and `_norm_parameters`
+    (the parameters this rank counts in the global norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._builtin: torch.optim.Optimizer | None = None
+        self._make_builtin: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+
+    # ---- the model's names ------------------------------------------------------------------------------
+
+    def _adopt(
+        self,
+        names: Mapping[str, tuple[str, ...]],
+        params: Mapping[str, nn.Parameter],
+        buffers: Mapping[str, torch.Tensor] = {},  # noqa: B006 - read only
+        persistent: Iterable[str] = (),
+    ) -> None:
+        """Register `params` (by canonical name) under each of its `names`, and `buffers` (by the
+        model's buffer name; `persistent` ones go into the state dict), in containers mirroring the
+        model's module tree."""
+        persistent = set(persistent)
+        for canonical, p in params.items():
+            for name in names.get(canonical, (canonical,)):
+                owner, leaf = self._container(name)
+                owner.register_parameter(leaf, p)
+        for name, b in buffers.items():
+            owner, leaf = self._container(name)
+            owner.register_buffer(leaf, b, persistent=name in persistent)
+
+    def _container(self, name: str) -> tuple[nn.Module, str]:
+        *path, leaf = name.split(".")
+        owner: nn.Module = self
+        for i, atom in enumerate(path):
+            child = owner._modules.get(atom)
+            if child is None:
+                if owner is self and (hasattr(type(self), atom) or atom in self.__dict__):
+                    raise InputError(
+                        f"expected the model's top-level names to differ from the compiled model's own "
+                        f"attributes, found {atom!r} (from {name}); rename that submodule of the model"
+                    )
+                child = nn.Module()
+                owner.add_module(atom, child)
+            owner = child
+        if owner is self and (hasattr(type(self), leaf) or leaf in self.__dict__):
+            raise InputError(
+                f"expected the model's top-level names to differ from the compiled model's own attributes, "
+                f"found {leaf!r}; rename that parameter or buffer of the model"
+            )
+        return owner, leaf
+
+    def _hold(self, **runtime: Any) -> None:
+        """Keep runtime objects (the generated program, its FSDP2 modules, stage modules) as plain
+        attributes, never as children: they hold the parameters under internal names."""
+        for name, value in runtime.items():
+            object.__setattr__(self, name, value)
+
+    # ---- training -----------------------------------------------------------------------------------
+
+    def step(self, *args: Any, **kwargs: Any) -> float:
+        """Forward and backward over the global batch, called as the model is (`step(input_ids=...,
+        labels=...)`): the plan's micro-batches, gradient accumulation or pipeline schedule. Each
+        parameter's gradient is left on it, in its placement, added to what was there (as
+        `loss.backward()` adds); returns the loss of the global batch as a float, on every rank."""
+        return self._forward_backward(args, kwargs)
+
+    def train_step(self, *args: Any, **kwargs: Any) -> float:
+        """`zero_grad`, `step` and the built-in optimizer's step (the `optimizer=`/`lr=` given to
+        autoshard.compile): the shorthand for a loop without its own optimizer."""
+        optimizer = self.builtin_optimizer()
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.step(*args, **kwargs)
+        optimizer.step()
+        return loss
+
+    def builtin_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer `train_step` steps, over `_optimized_parameters()`, built on first use."""
+        if self._builtin is None:
+            assert self._make_builtin is not None, "the runtime sets _make_builtin"
+            self._builtin = self._make_builtin(self._optimized_parameters())
+        return self._builtin
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """`builtin_optimizer()`: what `train_step` steps."""
+        return self.builtin_optimizer()
+
+    def _optimized_parameters(self) -> list[nn.Parameter]:
+        """What an optimizer over this rank's parameters steps: `parameters()` (overridden where a rank
+        holds several copies of one parameter)."""
+        return list(self.parameters())
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Scale every gradient by `min(1, max_norm / (norm + 1e-6))`, the norm taken over every
+        parameter of the model (all ranks and stages, each once), and return that norm: the value
+        `torch.nn.utils.clip_grad_norm_` gives on the single-device model. Collective: every rank calls it."""
+        norm_type = float(norm_type)
+        grads = [p.grad for p in self._norm_parameters() if p.grad is not None]
+        norms = [_full_norm(g, norm_type) for g in grads]
+        local = torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else torch.zeros((), dtype=torch.float32)
+        total = self._combine_norms(local.to(torch.float32), norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(
+                f"the total norm of order {norm_type} of the gradients is non-finite ({float(total)}); "
+                "pass error_if_nonfinite=False to clip anyway"
+            )
+        coef = as_float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        for p in self._clip_parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+        return total
+
+    def _combine_norms(self, local: torch.Tensor, norm_type: float) -> torch.Tensor:
+        """The global norm from this rank's (overridden where stages live on other ranks)."""
+        return local
+
+    def _clip_parameters(self) -> list[nn.Parameter]:
+        """Every parameter whose gradient the clip scales (every copy of a shared one)."""
+        return list(self.parameters())
+
+    def _norm_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def _forward_backward(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
+        raise NotImplementedError
+
+
+def _full_norm(grad: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """The norm of the whole gradient (a DTensor's over all its shards), as a plain float32 scalar."""
+    norm = torch.linalg.vector_norm(grad, norm_type)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.to(torch.float32)
+
+
+# ---- the mesh, placements, tensors ------------------------------------------------------------------
+
+
+def build_mesh(plan: Plan) -> DeviceMesh:
+    """The DeviceMesh the plan names, on the current process group (one object per layout)."""
+    names = tuple(plan.mesh)
+    sizes = tuple(int(plan.mesh[a]) for a in names)
+    world = dist.get_world_size()
+    if math.prod(sizes) != world:
+        raise InputError(
+            f"expected the process group's world size to equal the plan's mesh {dict(plan.mesh)} "
+            f"({math.prod(sizes)} devices), found world size {world}; launch {math.prod(sizes)} ranks "
+            "or plan for this many devices"
+        )
+    # one DeviceMesh object per layout in a world: DTensor's caches hand back specs on the first mesh of
+    # a layout, and FSDP2 requires a parameter's mesh to be the very mesh it is given
+    key = (names, sizes, dist.get_backend(), id(dist.group.WORLD))
+    if key not in MESHES:
+        MESHES[key] = init_device_mesh("cpu", sizes, mesh_dim_names=names)
+    return MESHES[key]
+
+
+def submesh(mesh: DeviceMesh, names: tuple[str, ...]) -> DeviceMesh:
+    """`mesh[names]`, one object per (mesh, names), for the same reason as `build_mesh`."""
+    key = (id(mesh), names)
+    if key not in MESHES:
+        MESHES[key] = mesh[names]
+    return MESHES[key]
+
+
+MESHES: dict[tuple, DeviceMesh] = {}  # cleared by strategies._dtensor.reset_caches
+
+
+def param_spec(name: str, placement: str) -> tuple:
+    """The placements of parameter `name` from the plan's text; a Partial parameter is refused."""
+    spec = spec_from_str(placement)
+    if any(p.is_partial() for p in spec):
+        raise InputError(
+            f"expected parameter {name} to be replicated or sharded, found the plan's placement {placement}; "
+            "a parameter cannot be partial: plan again"
+        )
+    return spec
+
+
+def owned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor holding `t`'s values. `distribute_tensor` keeps a replicated tensor as is, so without
+    the copy the optimizer would update the user's model in place (and, under LocalTensorMode, every
+    simulated rank would update one shared storage). Created by a factory call so each rank owns it."""
+    owned = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return owned.copy_(t)
+
+
+def as_float(t: torch.Tensor) -> float:
+    """A replicated scalar as a Python float (under LocalTensorMode simulation: the ranks' common value)."""
+    reconcile = getattr(t, "reconcile", None)
+    return float(reconcile().item() if callable(reconcile) else t.item())
