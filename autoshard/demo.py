@@ -140,9 +140,14 @@ def _run_model(name: str) -> torch.nn.Module:
 
 def _train_on_rank(plan_json: dict[str, Any], model_name: str, batches: list[tuple[torch.Tensor, ...]]) -> list[float]:
     """Runs on every rank (spawned by run_local): the parent's plan, compiled and trained."""
-    model = _run_model(model_name)
-    compiled = autoshard.compile(model, batches[0], plan=Plan.from_json(plan_json), optimizer="sgd", lr=RUN_LR)
-    return [compiled.train_step(*batch) for batch in batches]
+    model = autoshard.compile(_run_model(model_name), batches[0], plan=Plan.from_json(plan_json))
+    opt = torch.optim.SGD(model.parameters(), lr=RUN_LR)  # the user's own optimizer, over the DTensor shards
+    losses = []
+    for batch in batches:  # the loop a user writes: step (forward + backward), optimizer step, zero_grad
+        losses.append(model.step(*batch))
+        opt.step()
+        opt.zero_grad()
+    return losses
 
 
 def _max_seq(config: object) -> int:
