@@ -97,6 +97,15 @@ def unused_problems(state: Mapping[str, torch.Tensor], model: nn.Module) -> list
     return problems
 
 
+def tp_placements(family: str, mesh: Mapping[str, int]) -> dict[str, tuple[Placement, ...]] | None:
+    """Megatron's column/row split of `family` ("gpt" or "llama") on the mesh's tp axis, Replicate on the
+    others (None without a tp axis): the solver could pick a plan that never shards a weight of so small
+    a model, which would leave the tp code path untested."""
+    if "tp" not in mesh:
+        return None
+    return {pat: tuple(p if axis == "tp" else Replicate() for axis in mesh) for pat, p in TP_SPLITS[family].items()}
+
+
 def block_paths(model: nn.Module) -> tuple[str, ...]:
     """Module paths of the repeated blocks: GPT's transformer.h.i, LLaMA's layers.i, SkipModel's blocks.i."""
     if hasattr(model, "transformer"):
@@ -119,13 +128,7 @@ def pipelined_plan(
 ) -> Plan:
     """A plan for `model` with `pp` pipeline ranks (`virtual_stages` stages each, blocks split evenly unless
     `stages` is given) over `operator_mesh`, planned for `micro_batch` (one micro-batch of every replica)."""
-    forced = None
-    if "tp" in operator_mesh:
-        family = "gpt" if hasattr(model, "transformer") else "llama"
-        forced = {
-            pat: tuple(p if axis == "tp" else Replicate() for axis in operator_mesh)
-            for pat, p in TP_SPLITS[family].items()
-        }
+    forced = tp_placements("gpt" if hasattr(model, "transformer") else "llama", operator_mesh)
     devices = math.prod(operator_mesh.values())
     ir = autoshard.capture(model, micro_batch)
     plan = autoshard.plan_graph(ir, f"cpu:{devices}", mesh=dict(operator_mesh), param_placements=forced, optimizer="sgd")

@@ -2,8 +2,9 @@
 
 Every rank runs the same script: `autoshard.compile(model, example_inputs)` captures the model, plans it
 (or takes the given plan), generates the DTensor graph (passes/codegen.py), builds the DeviceMesh the plan
-names and shards the parameters as planned. `compiled(*inputs)` runs forward, `compiled.train_step(*inputs)`
-runs forward, backward (DTensor autograd) and an optimizer step on the DTensor parameters.
+names and shards the parameters as planned. `compiled(*inputs)` runs forward, `compiled.step(*inputs)`
+runs forward and backward (DTensor autograd), leaving the gradients on the DTensor parameters for the
+user's optimizer (runtime/module.py).
 
 A model with values is sharded from its full CPU tensors with `distribute_tensor` (rank 0's values are
 scattered, so ranks that initialised differently still agree). A model built on meta is materialised
@@ -26,7 +27,6 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.export.graph_signature import InputKind, OutputKind
-from torch.fx import GraphModule
 
 from autoshard.capture import capture
 from autoshard.capture.calls import as_call, flatten_call
@@ -253,7 +253,8 @@ class CompiledModel(ShardedModule):
             program = scoped_program(self.graph_module, ir, t, self._params)
             self._hold(program=program, fsdp=shard_with_fsdp(program, program.blocks(), self.mesh, t.zero_stage))
             self._params = {c: program.parameter(c) for c in self._params}  # FSDP's shards
-        # under ZeRO the optimizer steps dp shards: its state is sharded with them
+        # last: the model's names must not meet an attribute set after them. Under ZeRO these are FSDP's
+        # dp shards, so an optimizer over them keeps its state sharded with them
         self._adopt(self._names, self._params, self._program_buffers, self._persistent)
 
     # ---- running ------------------------------------------------------------------------------------
@@ -315,18 +316,6 @@ class CompiledModel(ShardedModule):
 
     def _autocast(self) -> ContextManager[Any]:
         return autocast(self._training.precision, self.mesh.device_type)
-
-    def gradients(self) -> dict[str, DTensor]:
-        """Each parameter's gradient after the last backward, by canonical name (under ZeRO, FSDP's dp
-        shard of it: the only one kept)."""
-        return {n: p.grad for n, p in self._params.items() if p.grad is not None}
-
-    def _settle_gradients(self) -> None:
-        """Bring each gradient to its parameter's placement (the dp gradient all-reduce, a local slice
-        where DTensor returned a replicated gradient): the optimizer then updates shards in place."""
-        for p in self._params.values():
-            if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
-                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
 
     def _run(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
         if len(inputs) != len(self._user_inputs):

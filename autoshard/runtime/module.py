@@ -62,7 +62,8 @@ def optimizer_factory(name: str, lr: float, **kwargs: Any) -> Callable[[list[nn.
 class ShardedModule(nn.Module):
     """A compiled model: parameters under the model's names, `step`, `train_step`, `clip_grad_norm_`.
 
-    Subclasses build the runtime, call `_adopt` with its parameters and buffers, and implement
+    Subclasses build the runtime, keep this rank's parameters by canonical name in `_params`, call
+    `_adopt` with them and the buffers, and implement
     `_forward_backward` (one global batch: forward, backward, gradients settled) and `_norm_parameters`
     (the parameters this rank counts in the global norm)."""
 
@@ -93,24 +94,19 @@ class ShardedModule(nn.Module):
             owner.register_buffer(leaf, b, persistent=name in persistent)
 
     def _container(self, name: str) -> tuple[nn.Module, str]:
+        """The container module that holds `name`'s last atom (created on the way), and that atom."""
         *path, leaf = name.split(".")
-        owner: nn.Module = self
-        for i, atom in enumerate(path):
-            child = owner._modules.get(atom)
-            if child is None:
-                if owner is self and (hasattr(type(self), atom) or atom in self.__dict__):
-                    raise InputError(
-                        f"expected the model's top-level names to differ from the compiled model's own "
-                        f"attributes, found {atom!r} (from {name}); rename that submodule of the model"
-                    )
-                child = nn.Module()
-                owner.add_module(atom, child)
-            owner = child
-        if owner is self and (hasattr(type(self), leaf) or leaf in self.__dict__):
+        first = path[0] if path else leaf
+        if first not in self._modules and (hasattr(type(self), first) or first in self.__dict__):
             raise InputError(
                 f"expected the model's top-level names to differ from the compiled model's own attributes, "
-                f"found {leaf!r}; rename that parameter or buffer of the model"
+                f"found {first!r} (from {name}); rename that submodule, parameter or buffer of the model"
             )
+        owner: nn.Module = self
+        for atom in path:
+            if atom not in owner._modules:
+                owner.add_module(atom, nn.Module())
+            owner = owner._modules[atom]
         return owner, leaf
 
     def _hold(self, **runtime: Any) -> None:
@@ -138,21 +134,16 @@ class ShardedModule(nn.Module):
         return loss
 
     def builtin_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer `train_step` steps, over `_optimized_parameters()`, built on first use."""
+        """The optimizer `train_step` steps, over `parameters()`, built on first use."""
         if self._builtin is None:
             assert self._make_builtin is not None, "the runtime sets _make_builtin"
-            self._builtin = self._make_builtin(self._optimized_parameters())
+            self._builtin = self._make_builtin(list(self.parameters()))
         return self._builtin
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """`builtin_optimizer()`: what `train_step` steps."""
         return self.builtin_optimizer()
-
-    def _optimized_parameters(self) -> list[nn.Parameter]:
-        """What an optimizer over this rank's parameters steps: `parameters()` (overridden where a rank
-        holds several copies of one parameter)."""
-        return list(self.parameters())
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
@@ -171,7 +162,7 @@ class ShardedModule(nn.Module):
                 "pass error_if_nonfinite=False to clip anyway"
             )
         coef = as_float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        for p in self._clip_parameters():
+        for p in self.parameters():  # a shared parameter's copies on other pp ranks are scaled there
             if p.grad is not None:
                 p.grad.mul_(coef)
         return total
@@ -180,12 +171,21 @@ class ShardedModule(nn.Module):
         """The global norm from this rank's (overridden where stages live on other ranks)."""
         return local
 
-    def _clip_parameters(self) -> list[nn.Parameter]:
-        """Every parameter whose gradient the clip scales (every copy of a shared one)."""
+    def _norm_parameters(self) -> list[nn.Parameter]:
+        """The parameters this rank counts in the global norm (all of them, unless stages share one)."""
         return list(self.parameters())
 
-    def _norm_parameters(self) -> list[nn.Parameter]:
-        return list(self.parameters())
+    def gradients(self) -> dict[str, DTensor]:
+        """Each gradient of this rank's parameters after the last backward, by canonical name, as the
+        optimizer uses it (under ZeRO, FSDP's dp shard: the only one kept)."""
+        return {n: p.grad for n, p in self._params.items() if p.grad is not None}
+
+    def _settle_gradients(self) -> None:
+        """Bring each gradient to its parameter's placement (the dp gradient all-reduce, a local slice
+        where DTensor returned a replicated gradient): the optimizer then updates shards in place."""
+        for p in self._params.values():
+            if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
 
     def _forward_backward(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
         raise NotImplementedError

@@ -293,16 +293,14 @@ class PipelinedModel(ShardedModule):
         for sid in self.stage_ids:
             for c, p in self.stage_params[sid].items():
                 self._params.setdefault(c, p)
-        readers: dict[str, int] = {}
-        for piece in self.split.stages:
+        readers: dict[str, list[int]] = {}  # canonical -> the stages that read it, in order
+        for sid, piece in enumerate(self.split.stages):
             for c in {canonical[n] for n in piece.state if n in canonical}:
-                readers[c] = readers.get(c, 0) + 1
-        self._shared = sorted(c for c, k in readers.items() if k > 1)  # the same list on every rank
+                readers.setdefault(c, []).append(sid)
+        self._shared = sorted(c for c, k in readers.items() if len(k) > 1)  # the same list on every rank
         # the global gradient norm counts each parameter once: on the rank of the first stage reading it
-        first_reader = {info.name: 0 for info in ir.params}
-        for sid in reversed(range(len(self.split.stages))):
-            for c in {canonical[n] for n in self.split.stages[sid].state if n in canonical}:
-                first_reader[c] = sid
+        # (stage 0 for a parameter no stage reads: stage 0 holds it)
+        first_reader = {info.name: readers.get(info.name, [0])[0] for info in ir.params}
         self._counted = sorted(c for c in self._params if first_reader[c] in self.stage_ids)
         self._placements = placements
         self._shapes = {info.name: (info.meta.shape, info.meta.dtype) for info in ir.params}
@@ -351,10 +349,7 @@ class PipelinedModel(ShardedModule):
             losses=losses if has_last else None,
             return_outputs=False,
         )
-        for sid in self.stage_ids:
-            for p in self.stage_params[sid].values():
-                if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
-                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+        self._settle_gradients()
         self._sum_shared_gradients()
         loss = torch.stack([x.detach() for x in losses]).sum() if has_last else torch.zeros(())
         loss = loss.reshape(()).to(torch.float32).clone()
@@ -402,7 +397,7 @@ class PipelinedModel(ShardedModule):
     def _sum_shared_gradients(self) -> None:
         """Sum the gradients of a parameter's copies on every stage that reads it (over the pp axis)."""
         for c in self._shared:
-            holders = list({id(p): p for sid in self.stage_ids for p in [self.stage_params[sid].get(c)] if p is not None}.values())
+            holders = [self._params[c]] if c in self._params else []  # one copy per rank (its stages share it)
             if holders and not holders[0].requires_grad:
                 continue
             if holders:
@@ -431,17 +426,6 @@ class PipelinedModel(ShardedModule):
         return power.pow(1.0 / norm_type)
 
     # ---- inspection -----------------------------------------------------------------------------------
-
-    def gradients(self) -> dict[str, DTensor]:
-        """The gradient of each parameter this rank's stages hold, by canonical name, as the optimizer used
-        it after the last step (as CompiledModel.gradients: under ZeRO-2 the dp shard, the only one kept)."""
-        out: dict[str, DTensor] = {}
-        for sid in self.stage_ids:
-            for c, p in self.stage_params[sid].items():
-                grad = p.grad
-                if c not in out and grad is not None:
-                    out[c] = grad
-        return out
 
     @property
     def code(self) -> str:

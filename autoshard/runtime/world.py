@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from autoshard.errors import InputError
+
 __all__ = ["DEFAULT_TIMEOUT_S", "TORCHRUN_VARIABLES", "ensure_process_group"]
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -34,8 +36,6 @@ def ensure_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         how = "from torchrun's environment"
     elif present:
         missing = [k for k in TORCHRUN_VARIABLES if k not in os.environ]
-        from autoshard.errors import InputError
-
         raise InputError(
             f"expected torchrun's environment ({', '.join(TORCHRUN_VARIABLES)}) or none of it, found "
             f"{', '.join(present)} without {', '.join(missing)}; launch with torchrun, or initialise the "

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import Replicate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
@@ -31,7 +30,7 @@ from autoshard.ir.plan import Plan  # noqa: E402
 from autoshard.models import build  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
 from native_loop import LR, STEPS, LoopRun, user_loop  # noqa: E402
-from pipeline_plans import TP_SPLITS, max_diff, pipelined_plan  # noqa: E402
+from pipeline_plans import max_diff, pipelined_plan, tp_placements  # noqa: E402
 
 BATCH = 8  # sequences in the global batch
 RTOL = ATOL = 1e-5
@@ -54,12 +53,6 @@ CASES: dict[str, tuple[dict[str, int], int, str, int, int, str]] = {
 }
 
 
-def tp_split(mesh: dict[str, int]) -> dict | None:
-    if "tp" not in mesh:
-        return None
-    return {pat: tuple(p if axis == "tp" else Replicate() for axis in mesh) for pat, p in TP_SPLITS["gpt"].items()}
-
-
 def shared_plan(model: torch.nn.Module, batch: tuple, case: str) -> Plan:
     """Rank 0 plans; every rank runs that very plan."""
     mesh, pp, schedule, v, zero, recompute = CASES[case]
@@ -70,7 +63,7 @@ def shared_plan(model: torch.nn.Module, batch: tuple, case: str) -> Plan:
             plan = pipelined_plan(model, micro, pp=pp, operator_mesh=mesh, schedule=schedule,
                                   num_micro_batches=2, virtual_stages=v)  # fmt: skip
         else:
-            plan = autoshard.plan(model, batch, "cpu:4", mesh=mesh, param_placements=tp_split(mesh),
+            plan = autoshard.plan(model, batch, "cpu:4", mesh=mesh, param_placements=tp_placements("gpt", mesh),
                                   zero_stage=zero, recompute=recompute, micro_batch_size=BATCH // mesh.get("dp", 1))  # fmt: skip
         box = [plan.to_json()]
     dist.broadcast_object_list(box, src=0)

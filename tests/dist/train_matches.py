@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from pathlib import Path
 
-from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor import Placement, Shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for the shared tensor-parallel splits
 
@@ -35,7 +35,7 @@ from autoshard.runtime.fsdp import full_value  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
 from autoshard.runtime.reference import SingleDeviceRun, single_device_run  # noqa: E402
 from autoshard.solver.blocks import fold_blocks  # noqa: E402
-from pipeline_plans import TP_SPLITS, UnusedParamsModel, max_diff, reference_problems, unused_problems, zero_holdings  # noqa: E402  (Megatron's column/row split per model family)
+from pipeline_plans import UnusedParamsModel, tp_placements, max_diff, reference_problems, unused_problems, zero_holdings  # noqa: E402  (Megatron's column/row split per model family)
 
 STEPS = 3
 LR = {"sgd": 0.1, "adamw": 1e-2}  # AdamW's steps are ~lr each: 1e-2 moves every weight well beyond the tolerance
@@ -110,10 +110,7 @@ def forced(case: Case, model_name: str = "gpt-tiny") -> dict[str, tuple[Placemen
     untested)."""
     if case.placements is not None:
         return dict(case.placements)
-    if "tp" not in case.mesh:
-        return None
-    split = TP_SPLITS["gpt" if model_name.startswith("gpt") else "llama"]
-    return {pat: tuple(p if axis == "tp" else Replicate() for axis in case.mesh) for pat, p in split.items()}
+    return tp_placements("gpt" if model_name.startswith("gpt") else "llama", case.mesh)
 
 
 def make(model_name: str = "gpt-tiny") -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
