@@ -11,7 +11,16 @@ from autoshard.errors import AutoshardError, CaptureError, InputError
 from autoshard.hints import TensorHint, pipeline_stage, recompute, shard, shardable
 from autoshard.ir import GraphIR, NodeInfo, ParamInfo, TensorMeta
 from autoshard.ir.plan import Plan
-from autoshard.runtime import CompiledModel, ShardedModule, compile
+from autoshard.runtime import (
+    CompiledModel,
+    ShardedModule,
+    checkpoint_state_dict,
+    compile,
+    export_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from autoshard.solver.problem import NoFeasiblePlan
 from autoshard.solver.search import plan, plan_graph
 
@@ -30,11 +39,16 @@ __all__ = [
     "TensorHint",
     "TensorMeta",
     "capture",
+    "checkpoint_state_dict",
     "compile",
+    "export_checkpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
     "plan",
     "pipeline_stage",
     "plan_graph",
     "recompute",
+    "save_checkpoint",
     "shard",
     "shardable",
 ]

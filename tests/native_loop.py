@@ -49,10 +49,17 @@ def warmup(step: int) -> float:
     return min(1.0, (step + 1) / 2)
 
 
-def user_loop(model: nn.Module, batches: Sequence[Sequence[Any]], *, native: bool) -> LoopRun:
-    """`len(batches)` steps of the loop; `native` for a compiled model."""
+def training_state(model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The user's AdamW (two param groups) and warmup schedule over `model.parameters()`."""
     opt = torch.optim.AdamW(param_groups(model), lr=LR)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+
+
+def train_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, sched: Any, batches: Sequence[Sequence[Any]], *, native: bool
+) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """One loop step per batch; returns the losses, the norms before clipping and the first step's
+    clipped gradients (full values)."""
     losses, norms, first = [], [], {}
     for step, batch in enumerate(batches):
         if native:
@@ -70,4 +77,15 @@ def user_loop(model: nn.Module, batches: Sequence[Sequence[Any]], *, native: boo
         opt.step()
         opt.zero_grad()
         sched.step()
-    return LoopRun(losses, norms, first, {n: full_value(p.detach()) for n, p in model.named_parameters()})
+    return losses, norms, first
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: full_value(p.detach()) for n, p in model.named_parameters()}
+
+
+def user_loop(model: nn.Module, batches: Sequence[Sequence[Any]], *, native: bool) -> LoopRun:
+    """`len(batches)` steps of the loop; `native` for a compiled model."""
+    opt, sched = training_state(model)
+    losses, norms, first = train_steps(model, opt, sched, batches, native=native)
+    return LoopRun(losses, norms, first, full_params(model))
