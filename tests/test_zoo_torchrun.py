@@ -4,7 +4,8 @@ Each case of tests/dist/zoo_matches.py is `<zoo model>/<mesh>`: the default
 `autoshard.compile(model, batch, cluster="cpu:4")` ("auto"), and pinned meshes dp2 x tp2, tp4 and
 pp2 x dp2. The models take keyword inputs and return a ModelOutput (or nanoGPT's tuple): no wrapper, no
 loss_fn. Every rank compares the loss of 3 steps, the first gradients and the final state dict with its
-own single-device run. One torchrun serves all cases (starting 4 ranks costs seconds).
+own single-device run, then saves a checkpoint, exports it to the original model (and, for a Hugging
+Face model, through save_pretrained / from_pretrained) and compares that too. One torchrun serves all cases (starting 4 ranks costs seconds).
 
 CI runs a sample that touches every model and every mesh kind (`CI_CASES`, ~1.5 min); the whole matrix
 (11 models x 4 meshes, ~13 min on 2 cores) runs with AUTOSHARD_FULL=1. ResNet compares in fp64 (its fp32
@@ -40,8 +41,9 @@ CASES = [f"{m}/{k}" for m in zoo.names() for k in MESHES] if os.environ.get("AUT
 pytestmark = pytest.mark.slow
 
 
-def test_zoo_models_match_single_device_on_4_ranks() -> None:
-    run = run_local(DIST / "zoo_matches.py", 4, *CASES, timeout=1500)
+def test_zoo_models_match_single_device_on_4_ranks(tmp_path: Path) -> None:
+    # each case also checkpoints and exports its trained model (tests/dist/zoo_matches.py)
+    run = run_local(DIST / "zoo_matches.py", 4, *CASES, timeout=1500, env={"AUTOSHARD_CHECKPOINTS": str(tmp_path)})
     failures = []
     for rank, verdicts in enumerate(run.results):
         assert set(verdicts) == set(CASES)
