@@ -138,8 +138,8 @@ def save_checkpoint(
 def _extra_bytes(extra: Mapping[str, Any]) -> bytes:
     """`extra` as torch.save bytes, refused unless torch.load(weights_only=True) reads it back."""
     buffer = io.BytesIO()
-    torch.save(dict(extra), buffer)
     try:
+        torch.save(dict(extra), buffer)
         torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     except Exception as e:
         kinds = {k: type(v).__name__ for k, v in extra.items()}
@@ -366,12 +366,14 @@ def _check_optimizer(path: Path, metadata: Metadata, state: Mapping[str, Any]) -
     """Refuse a checkpoint that lacks state of a parameter the optimizer steps (other parameters or
     param groups)."""
     saved = {k[len(_OPTIM):] for k in metadata.state_dict_metadata if k.startswith(_OPTIM)}
-    missing = sorted(set(state) - saved)
+    missing = set(state) - saved
     if missing:
+        # "state.<name>.exp_avg", "param_groups.<name>.lr": the parameters whose entries are missing
+        names = sorted({k.split(".", 1)[1].rsplit(".", 1)[0] for k in missing})
         raise InputError(
             f"expected checkpoint {path} to hold the optimizer's state for every parameter it steps, found "
-            f"{len(missing)} entries missing ({', '.join(missing[:4])}); build the optimizer over the same "
-            "parameters (and param groups) as the run that saved it"
+            f"none for {len(names)} ({', '.join(names[:4])}); build the optimizer over the same parameters "
+            "(and param groups) as the run that saved it"
         )
 
 
