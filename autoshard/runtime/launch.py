@@ -86,7 +86,7 @@ class RankSession:
 
 
 @contextlib.contextmanager
-def rank_session(backend: str = "gloo") -> Iterator[RankSession]:
+def rank_session(backend: str = "gloo", *, init: bool = True) -> Iterator[RankSession]:
     """Initialise the default process group from the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT),
     yield, then tear it down and write this rank's result file.
 
@@ -95,17 +95,20 @@ def rank_session(backend: str = "gloo") -> Iterator[RankSession]:
     group are freed while it still exists, which made the exit-time abort rarer) and a barrier (no rank
     destroys the group while another still sends). The result file is written last, so its presence means
     the rank's work *and* its teardown finished. An exception is written as the rank's error and re-raised.
+    With `init=False` the script starts the group itself (as `autoshard.compile` does under torchrun).
     """
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     session = RankSession(rank, world)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        if init:
+            dist.init_process_group(backend, rank=rank, world_size=world)
         yield session
         gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
     except BaseException:
         _write_result(rank, {"ok": False, "error": traceback.format_exc()})
         raise

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from autoshard.errors import InputError
 from autoshard.ir.plan import Plan
+from autoshard.runtime.faults import StepWatch
 from autoshard.strategies.mesh import spec_from_str
 
 __all__ = [
@@ -70,6 +71,7 @@ class ShardedModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._builtin: torch.optim.Optimizer | None = None
+        self._watch: StepWatch | None = None  # built on the first step, once the process group exists
         self._make_builtin: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
 
     # ---- the model's names ------------------------------------------------------------------------------
@@ -121,8 +123,20 @@ class ShardedModule(nn.Module):
         """Forward and backward over the global batch, called as the model is (`step(input_ids=...,
         labels=...)`): the plan's micro-batches, gradient accumulation or pipeline schedule. Each
         parameter's gradient is left on it, in its placement, added to what was there (as
-        `loss.backward()` adds); returns the loss of the global batch as a float, on every rank."""
-        return self._forward_backward(args, kwargs)
+        `loss.backward()` adds); returns the loss of the global batch as a float, on every rank.
+
+        A collective that fails or times out (a rank died, or skipped a step) raises CollectiveFailure
+        naming this rank, its step and the ranks that are behind (runtime/faults.py)."""
+        if self._watch is None:
+            self._watch = StepWatch()
+        self._watch.begin()
+        try:
+            return self._forward_backward(args, kwargs)
+        except RuntimeError as e:
+            failure = self._watch.explain(e)
+            if failure is None:
+                raise
+            raise failure from e
 
     def train_step(self, *args: Any, **kwargs: Any) -> float:
         """`zero_grad`, `step` and the built-in optimizer's step (the `optimizer=`/`lr=` given to
