@@ -21,12 +21,14 @@ from autoshard.runtime import (
     load_checkpoint,
     save_checkpoint,
 )
+from autoshard.runtime.faults import CollectiveFailure
 from autoshard.solver.problem import NoFeasiblePlan
 from autoshard.solver.search import plan, plan_graph
 
 __all__ = [
     "AutoshardError",
     "CaptureError",
+    "CollectiveFailure",
     "Cluster",
     "CompiledModel",
     "ShardedModule",

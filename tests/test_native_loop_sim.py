@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -31,16 +32,16 @@ def gpt_tiny() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     return model, (torch.randint(0, vocab, (8, 16)), torch.randint(0, vocab, (8, 16)))
 
 
-def compiled(model: nn.Module, batch: tuple, mesh: dict[str, int]) -> autoshard.ShardedModule:
+def compiled(model: nn.Module, batch: tuple, mesh: dict[str, int], optimizer: str = "adamw") -> autoshard.ShardedModule:
     plan = autoshard.plan(model, batch, f"cpu:{WORLD}", mesh=mesh, param_placements=forced("gpt-tiny", mesh),
-                          zero_stage=0, recompute="none")  # fmt: skip
+                          zero_stage=0, recompute="none", optimizer=optimizer)  # fmt: skip
     return autoshard.compile(model, batch, plan=plan)
 
 
 def test_named_parameters_and_state_dict_use_the_models_names(fake_world) -> None:
     model, batch = gpt_tiny()
     with local_mode():
-        sharded = compiled(model, batch, {"dp": 2, "tp": 2})
+        sharded = compiled(model, batch, {"dp": 2, "tp": 2}, optimizer="sgd")
         names = [n for n, _ in sharded.named_parameters()]
         assert isinstance(sharded, nn.Module)
         assert names == [n for n, _ in model.named_parameters()]  # tied lm_head.weight: once, as in the model
@@ -51,6 +52,23 @@ def test_named_parameters_and_state_dict_use_the_models_names(fake_world) -> Non
         assert not all(p.is_replicate() for p in sharded_qkv.placements)  # the plan's tensor-parallel split
         full = value(sharded_qkv.full_tensor())
         torch.testing.assert_close(full, model.transformer.h[0].attn.c_attn.weight.detach(), rtol=0, atol=0)
+        _optimizer_with_more_state_than_planned_is_reported_once(sharded, batch)
+
+
+def _optimizer_with_more_state_than_planned_is_reported_once(sharded: autoshard.ShardedModule, batch: tuple) -> None:
+    """The plan sized optimizer state for SGD (none); the user's AdamW keeps two tensors per parameter,
+    said once however many steps it takes. An SGD without momentum keeps none: nothing to say."""
+    assert sharded.plan.optimizer == "sgd"
+    for optimizer, expected in ((torch.optim.AdamW, 1), (torch.optim.SGD, 0)):
+        opt = optimizer(sharded.parameters(), lr=1e-3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                sharded.step(*batch)
+                opt.step()
+                opt.zero_grad()
+        said = [w for w in caught if "budgeted memory for optimizer='sgd'" in str(w.message)]
+        assert len(said) == expected, [str(w.message) for w in caught]
 
 
 def test_user_loop_with_param_groups_schedule_and_clipping_equals_one_device(fake_world) -> None:

@@ -43,7 +43,10 @@ class StepWatch:
     def begin(self) -> None:
         self.steps += 1
         if self._store is not None:
-            self._store.set(_KEY.format(rank=dist.get_rank()), str(self.steps))
+            try:
+                self._store.set(_KEY.format(rank=dist.get_rank()), str(self.steps))
+            except (RuntimeError, NotImplementedError):  # a store without set (a fake process group's)
+                self._store = None
 
     def explain(self, error: BaseException) -> CollectiveFailure | None:
         """The error to raise instead of `error` when it is a collective's failure, else None."""

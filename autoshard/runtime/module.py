@@ -24,6 +24,8 @@ tensor, the built-in optimizers) live here, public, so neither runtime imports t
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from autoshard.errors import InputError
 from autoshard.ir.plan import Plan
@@ -72,6 +75,7 @@ class ShardedModule(nn.Module):
         super().__init__()
         self._builtin: torch.optim.Optimizer | None = None
         self._watch: StepWatch | None = None  # built on the first step, once the process group exists
+        _watch_optimizers()
         self._make_builtin: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
 
     # ---- the model's names ------------------------------------------------------------------------------
@@ -87,6 +91,8 @@ class ShardedModule(nn.Module):
         model's buffer name; `persistent` ones go into the state dict), in containers mirroring the
         model's module tree."""
         persistent = set(persistent)
+        for p in params.values():
+            _OWNERS[id(p)] = self
         for canonical, p in params.items():
             for name in names.get(canonical, (canonical,)):
                 owner, leaf = self._container(name)
@@ -203,6 +209,48 @@ class ShardedModule(nn.Module):
 
     def _forward_backward(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
         raise NotImplementedError
+
+
+# ---- the user's optimizer against the plan's ------------------------------------------------------
+
+_OWNERS: weakref.WeakValueDictionary[int, ShardedModule] = weakref.WeakValueDictionary()  # id(param) -> model
+_CHECKED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+_HOOKED: list[Any] = []
+
+
+def _watch_optimizers() -> None:
+    """Once per process: after any optimizer's first step, compare the state it keeps with the state
+    the plan budgeted memory for (`_check_optimizer_state`)."""
+    if not _HOOKED:
+        _HOOKED.append(register_optimizer_step_post_hook(_check_optimizer_state))
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Say once when `optimizer` keeps more parameter-sized state per parameter than the plan of the
+    compiled model it steps assumed (`compile(optimizer=...)`): the plan's memory is then too low."""
+    if optimizer in _CHECKED:
+        return
+    _CHECKED.add(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    model = next((_OWNERS[id(p)] for p in params if id(p) in _OWNERS), None)
+    if model is None or not params:
+        return
+    from autoshard.cost_model.memory import OPTIMIZERS as PLANNED
+
+    planned = PLANNED.get(str(model.plan.optimizer).lower())
+    kept = max(
+        (sum(1 for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape) for p in params),
+        default=0,
+    )
+    if planned is not None and kept > planned.states_per_param and (not dist.is_initialized() or dist.get_rank() == 0):
+        warnings.warn(
+            f"autoshard: {type(optimizer).__name__} keeps {kept} parameter-sized state tensor(s) per "
+            f"parameter, but the plan budgeted memory for optimizer={model.plan.optimizer!r} "
+            f"({planned.states_per_param}: {planned.description}); its memory prediction is low. Plan with "
+            f"the optimizer you train with (autoshard.compile(..., optimizer='adamw'))",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _full_norm(grad: torch.Tensor, norm_type: float) -> torch.Tensor:
