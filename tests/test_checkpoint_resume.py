@@ -28,7 +28,7 @@ def test_sigkilled_job_resumes_bit_identically(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match="rank 1: exited with code"):
         run_local(DIST / "checkpoint_resume.py", 4, "crash", str(tmp_path), *CASES, timeout=900)
     for case in CASES:
-        saved = [d.name for d in (tmp_path / case).iterdir()]
+        saved = [d.name for d in (tmp_path / case).iterdir() if d.is_dir()]
         assert saved == [f"step{SAVE_AT}"], f"{case}: {saved}"
         manifest = json.loads((tmp_path / case / saved[0] / MANIFEST).read_text())
         assert manifest["world_size"] == 4 and not saved[0].endswith(INCOMPLETE)

@@ -5,13 +5,15 @@ Usage: python -m torch.distributed.run --nproc-per-node 4 ... tests/dist/checkpo
 The user's script (tests/native_loop.py's loop: AdamW with two param groups, warmup, clipping), with
 each step's batch drawn from torch's global RNG, so resuming exactly needs the RNG state too.
 
-- `crash`: for each plan (native_loop_matches.CASES), compile, train `SAVE_AT` steps, save a checkpoint
-  under ROOT/<plan>/step<k> with the step and the scheduler's state, train one step more. Then rank 1
-  kills itself with SIGKILL between steps while the others go on; torchrun ends the job.
-- `resume`: a new torchrun job. For each plan, the uninterrupted run: compile, train `STEPS` steps.
-  Then the resumed run, as the user's restarted script does it: compile the checkpoint's plan (its
-  plan.json), build the optimizer and scheduler, load `latest_checkpoint(ROOT/<plan>)`, train to
-  `STEPS`. Parameters and optimizer state must be bit-identical (torch.equal) to the uninterrupted run's.
+- `crash`: for each plan (native_loop_matches.CASES), compile and train `STEPS` steps uninterrupted,
+  saving a checkpoint under ROOT/<plan>/step<k> after `SAVE_AT` with the step and the scheduler's
+  state; each rank writes the final parameters and optimizer state (the uninterrupted run's) to
+  ROOT/<plan>/uninterrupted-rank<r>.pt. Then rank 1 kills itself with SIGKILL between steps while the
+  others go on; torchrun ends the job.
+- `resume`: a new torchrun job, as the user's restarted script: for each plan, compile the
+  checkpoint's plan (its plan.json), build the optimizer and scheduler, load
+  `latest_checkpoint(ROOT/<plan>)` and train to `STEPS`. Parameters and optimizer state must be
+  bit-identical (torch.equal) to the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def crash(root: Path, cases: list[str]) -> None:
             opt, sched = training_state(compiled)
             train(compiled, opt, sched, model, SAVE_AT)
             autoshard.save_checkpoint(root / case / f"step{SAVE_AT}", compiled, opt, step=SAVE_AT, sched=sched.state_dict())
-            train(compiled, opt, sched, model, 1)
+            train(compiled, opt, sched, model, STEPS - SAVE_AT)
+            torch.save(state(compiled, opt), root / case / f"uninterrupted-rank{dist.get_rank()}.pt")
+        dist.barrier()
         if dist.get_rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         train(compiled, opt, sched, model, 1)  # blocks on rank 1 until torchrun ends the job
@@ -93,22 +97,15 @@ def resume(root: Path, cases: list[str]) -> dict[str, Any]:
         for case in cases:
             checkpoint = autoshard.latest_checkpoint(root / case)
             assert checkpoint is not None, f"no complete checkpoint under {root / case}"
-            plan = Plan.load(checkpoint / PLAN)
             model, example = model_and_example()
-            compiled = autoshard.compile(model, example, plan=plan)
-            torch.manual_seed(1)
-            opt, sched = training_state(compiled)
-            train(compiled, opt, sched, model, STEPS)
-            want = state(compiled, opt)
-
-            model, example = model_and_example()
-            compiled = autoshard.compile(model, example, plan=plan)
+            compiled = autoshard.compile(model, example, plan=Plan.load(checkpoint / PLAN))
             torch.manual_seed(123)  # a restarted job's RNG: the checkpoint's must replace it
             opt, sched = training_state(compiled)
             extra = autoshard.load_checkpoint(checkpoint, compiled, opt)
             sched.load_state_dict(extra["sched"])
             train(compiled, opt, sched, model, STEPS - extra["step"])
             got = state(compiled, opt)
+            want = torch.load(root / case / f"uninterrupted-rank{dist.get_rank()}.pt", weights_only=True)
             differ = sorted(k for k in want if k not in got or not _equal(got[k], want[k]))
             results[case] = {"checkpoint": checkpoint.name, "compared": len(want), "differ": differ[:10],
                              "ok": not differ and set(got) == set(want)}  # fmt: skip
