@@ -217,3 +217,14 @@ def test_uncapturable_model_names_module_and_line() -> None:
 def test_wrong_input_shape_is_a_capture_error_at_the_user_line() -> None:
     with pytest.raises(autoshard.CaptureError, match="module `up` .*Linear|mat1 and mat2"):
         autoshard.capture(TwoLinear(), torch.randn(4, 5))
+
+
+@pytest.mark.parametrize(("p", "norm", "expected"), [(0.0, False, 0), (0.1, False, 1), (0.0, True, 1)])
+def test_nodes_that_differ_in_eval_mode_are_found(p: float, norm: bool, expected: int) -> None:
+    """Dropout of nonzero probability and train-mode BatchNorm compute otherwise under model.eval(); the
+    compiled model refuses an eval-mode forward of a graph holding them (captured in training mode)."""
+    layers: list[nn.Module] = [nn.Linear(8, 8), nn.Dropout(p)]
+    if norm:
+        layers.append(nn.BatchNorm1d(8))
+    ir = autoshard.capture(nn.Sequential(*layers), (torch.randn(4, 8),))
+    assert len(ir.train_mode_ops()) == expected, ir.train_mode_ops()

@@ -52,6 +52,10 @@ def test_named_parameters_and_state_dict_use_the_models_names(fake_world) -> Non
         assert not all(p.is_replicate() for p in sharded_qkv.placements)  # the plan's tensor-parallel split
         full = value(sharded_qkv.full_tensor())
         torch.testing.assert_close(full, model.transformer.h[0].attn.c_attn.weight.detach(), rtol=0, atol=0)
+        sharded.eval()  # gpt-tiny has no dropout or BatchNorm: the eval-mode forward is the model's
+        torch.testing.assert_close(value(sharded(*batch)), model.eval()(*batch), rtol=1e-5, atol=1e-6)
+        sharded.train()
+        model.train()
         _optimizer_with_more_state_than_planned_is_reported_once(sharded, batch)
 
 
@@ -123,3 +127,23 @@ class Clash(nn.Module):
 def test_a_top_level_name_that_clashes_with_the_compiled_models_is_refused(fake_world) -> None:
     with local_mode(), pytest.raises(InputError, match="'plan'.*rename that submodule"):
         autoshard.compile(Clash(), (torch.randn(4, 4),), mesh={"dp": 4})
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.drop, self.down = nn.Linear(4, 8), nn.Dropout(0.1), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.drop(self.up(x))).pow(2).mean()
+
+
+def test_eval_mode_forward_of_a_graph_captured_with_dropout_is_refused(fake_world) -> None:
+    """The graph is captured in training mode: an eval-mode forward would still drop units, so it is
+    refused (naming the dropout); the training-mode forward runs."""
+    with local_mode():
+        sharded = autoshard.compile(DropoutMLP(), (torch.randn(8, 4),), mesh={"dp": 4})
+        sharded(torch.randn(8, 4))
+        sharded.eval()
+        with pytest.raises(InputError, match="eval mode.*dropout"):
+            sharded(torch.randn(8, 4))

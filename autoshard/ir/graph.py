@@ -155,6 +155,22 @@ class GraphIR:
                     found.append(node.name)
         return tuple(found)
 
+    def train_mode_ops(self) -> tuple[str, ...]:
+        """The nodes that compute otherwise in `model.eval()`: train-mode BatchNorms and dropouts of
+        nonzero probability. The graph is captured in training mode, so an evaluation-mode forward of
+        a model with any of these would run them as in training (refused: runtime/compiled.py)."""
+        if self.exported is None:
+            return ()
+        dropouts = []
+        for node in self.exported.graph.nodes:
+            name = getattr(node.target, "__name__", "")
+            if node.op == "call_function" and "dropout" in name:
+                p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+                train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+                if train and (not isinstance(p, (int, float)) or p > 0):
+                    dropouts.append(node.name)
+        return (*self.train_batch_norms(), *dropouts)
+
     def summary(self) -> dict[str, int | str]:
         """Headline figures: node count, parameter elements and bytes, forward FLOPs and bytes moved."""
         calls = self.calls

@@ -263,6 +263,13 @@ class CompiledModel(ShardedModule):
         """Forward on one micro-batch of every replica (the global batch when the plan runs one), called
         as the model is; the model's outputs come back as full (unsharded) tensors, in the model's own
         structure (a ModelOutput, a tuple, a tensor)."""
+        if not self.training and (ops := self.ir.train_mode_ops()):
+            raise InputError(
+                f"expected a model whose forward is the same in eval mode, found {len(ops)} node(s) that "
+                f"compute otherwise there ({', '.join(ops[:3])}: dropout or BatchNorm, captured in training "
+                "mode); evaluate the single-device model on the exported weights "
+                "(autoshard.export_checkpoint), or call model.train() for a training-mode forward"
+            )
         inputs = self._flat(args, kwargs)
         self._batch.check(inputs, entry="forward", micro_batches=1)
         with torch.no_grad(), self._autocast():

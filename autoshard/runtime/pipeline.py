@@ -335,6 +335,14 @@ class PipelinedModel(ShardedModule):
 
     # ---- running ------------------------------------------------------------------------------------
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Not built for pipelined plans: each rank holds some stages, and no rank has the model's outputs."""
+        raise InputError(
+            "expected a plan without pipeline stages for a forward (evaluation) call, found "
+            f"pp={self._training.pp}; evaluate the single-device model on the exported weights "
+            "(autoshard.export_checkpoint), or compile a plan with pp=1 for evaluation"
+        )
+
     def _forward_backward(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
         """`step` on the global batch (identical on every rank): the schedule's forward and backward over
         `num_micro_batches` micro-batches, gradients to their parameters' placements, shared parameters'
