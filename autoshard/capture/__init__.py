@@ -11,6 +11,7 @@ from torch import nn
 
 from autoshard.capture.build import build_graph_ir
 from autoshard.capture.calls import Call, as_call, find_loss
+from autoshard.capture.loss_reduction import LossReduction, analyse_loss, declared_reduction
 from autoshard.capture.export import export_model
 from autoshard.capture.inputs import model_device, normalize_inputs
 from autoshard.hints import checking_module_hints, record_module_names, step_hints
@@ -19,7 +20,14 @@ from autoshard.ir.graph import GraphIR
 __all__ = ["capture"]
 
 
-def capture(model: nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None = None) -> GraphIR:
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    loss_reduction: str | None = None,
+    loss_in_graph: bool = True,
+) -> GraphIR:
     """Capture `model` called on `example_inputs` as a GraphIR with shapes, costs and parameter identities.
 
     Works on a model built on the meta device (no parameter memory: a 175B model captures in seconds).
@@ -27,22 +35,49 @@ def capture(model: nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | N
     arguments (`{"input_ids": ids, "labels": labels}`, as Hugging Face models are called); `kwargs` adds
     keywords to positional inputs. Tensors on another device than the model are replaced by same-shaped
     ones on the model's device, as only shapes matter. The loss among the outputs is found here
-    (`GraphIR.loss`: a scalar output, a ModelOutput's `.loss`, or the single scalar of a tuple).
+    (`GraphIR.loss`: a scalar output, a ModelOutput's `.loss`, or the single scalar of a tuple), with its
+    reduction (`GraphIR.loss.reduction`, capture/loss_reduction.py): where it is known, the graph is
+    rewritten to return the loss's numerator, which the runtime divides by the global batch's denominator.
+    `loss_reduction` ("mean" or "sum") declares it where the graph cannot tell; `loss_in_graph=False`
+    says the loss is computed outside the graph (compile's `loss_fn`), so the graph is left as it is.
     """
     device = model_device(model)
     call = normalize_inputs(as_call(example_inputs, kwargs), device)
     record_module_names(model)  # so a hint refused during tracing names its module
     with checking_module_hints(model):  # a module hint that never took effect is refused, not dropped
         exported = export_model(model, call)
-    ir = build_graph_ir(model, exported)
     batch = _batch_size(call)
+    loss = find_loss(exported)
+    def export_at(rows: int) -> tuple[Any, int | None]:  # the same model at another batch, to tell x.shape[0]
+        other = export_model(model, _resized(call, rows))
+        return other, find_loss(other).index
+
+    reduction = _reduction(exported, loss.index, batch, loss_reduction, loss_in_graph, export_at)
+    loss = dataclasses.replace(loss, reduction=reduction)
+    ir = build_graph_ir(model, exported)  # after the rewrite: the planner prices the graph that runs
     return dataclasses.replace(
         ir,
         batch_size=batch,
-        recapture=_Recapture(model, call) if batch else None,
+        recapture=_Recapture(model, call, loss_reduction, loss_in_graph) if batch else None,
         step_hints=step_hints(model),
-        loss=find_loss(exported),
+        loss=loss,
     )
+
+
+def _reduction(
+    exported: Any, index: int | None, batch: int | None, declared: str | None, in_graph: bool, export_at: Any
+) -> LossReduction | None:
+    if not in_graph:
+        if declared is not None:
+            return declared_reduction(declared, None)
+        return LossReduction(
+            kind="unknown",
+            found="computed by loss_fn, outside the graph",
+            splits="autoshard cannot read a loss_fn's reduction",
+            dp_split="autoshard cannot read a loss_fn's reduction",
+        )
+    found = analyse_loss(exported, index, batch_rows=batch, export_at=export_at) if index is not None else None
+    return declared_reduction(declared, found) if declared is not None else found
 
 
 def _batch_size(call: Call) -> int | None:
@@ -51,14 +86,23 @@ def _batch_size(call: Call) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def _resized(call: Call, batch: int) -> Call:
+    """`call` with its batched tensors resized to `batch` rows (dim 0; values do not matter)."""
+    return call.map_tensors(
+        lambda a: torch.empty((batch, *a.shape[1:]), dtype=a.dtype, device=a.device) if a.dim() > 0 else a
+    )
+
+
 class _Recapture:
     """Capture the same model on the same inputs resized to another batch (dim 0)."""
 
-    def __init__(self, model: nn.Module, call: Call) -> None:
+    def __init__(self, model: nn.Module, call: Call, loss_reduction: str | None, loss_in_graph: bool) -> None:
         self.model, self.call = model, call
+        self.loss_reduction, self.loss_in_graph = loss_reduction, loss_in_graph
 
     def __call__(self, batch: int) -> GraphIR:
-        resized = self.call.map_tensors(
-            lambda a: torch.empty((batch, *a.shape[1:]), dtype=a.dtype, device=a.device) if a.dim() > 0 else a
-        )
-        return capture(self.model, resized.args, resized.kwargs)
+        resized = _resized(self.call, batch)
+        return capture(
+            self.model, resized.args, resized.kwargs,
+            loss_reduction=self.loss_reduction, loss_in_graph=self.loss_in_graph,
+        )  # fmt: skip

@@ -116,6 +116,7 @@ class LossOutput:
     index: int | None  # position among the graph output node's values (buffer mutations included)
     found: str  # e.g. "CausalLMOutputWithPast(loss, logits)" or "tuple(logits [8, 16, 128], loss [])"
     how: str  # "scalar", "loss entry", "single scalar of a tuple", or why nothing was found
+    reduction: Any = None  # how it reduces the batch (capture/loss_reduction.py), set by capture
 
 
 def find_loss(exported: ExportedProgram) -> LossOutput:

@@ -118,6 +118,8 @@ class Training:
     zero_stage: int = 0  # 0: none; 1: optimizer state, 2: + gradients, 3: + parameters sharded over dp
     recompute: tuple[str, ...] = ()  # per block, one of RECOMPUTE (empty: none anywhere)
     precision: str = "fp32"  # one of PRECISIONS
+    # how the loss reduces the batch and how a split batch combines (capture/loss_reduction.py)
+    loss_reduction: str = ""
 
     def __post_init__(self) -> None:
         problems = []

@@ -30,6 +30,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from autoshard.capture import capture
 from autoshard.capture.calls import as_call, flatten_call
+from autoshard.capture.loss_reduction import loss_reduction_of
 from autoshard.cost_model import Cluster
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR
@@ -69,6 +70,7 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     optimizer: str = "sgd",
     lr: float = 1e-3,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    loss_reduction: str | None = None,
     seed: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     **optimizer_kwargs: Any,
@@ -81,6 +83,11 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     ...}`), or a tensor; `train_step` and the forward take the same. The loss is found among the
     model's outputs (a scalar output, a ModelOutput's `.loss`, the single scalar of a tuple;
     capture/calls.py); `loss_fn(*outputs)` overrides that, turning the outputs into the scalar loss.
+    How the loss reduces the batch is read from the graph (capture/loss_reduction.py: a token mean over
+    non-ignored labels, a mean, a sum, sum / count), and a step over micro-batches and ranks computes
+    the loss and gradients of the whole global batch; where it cannot be read (a `loss_fn`, a sum of
+    two terms), `loss_reduction="mean"` or `"sum"` declares it, else the splits that could change it
+    are refused.
 
     A plan with pipeline stages (`plan.training.pp > 1`) returns a `PipelinedModel` (runtime/pipeline.py): its
     example inputs are one micro-batch (the global batch is cut to its first), `train_step` takes the global batch.
@@ -102,23 +109,26 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
         )
     call = as_call(example_inputs)
     world = dist.get_world_size()
+    how_loss = {"loss_reduction": loss_reduction, "loss_in_graph": loss_fn is None}
     if plan is None:
         from autoshard.solver.search import plan_graph
 
         with outside_local_tensor_mode():  # capture is pure tracing, on fake tensors, whatever the world
-            full = capture(model, call.args, call.kwargs)
+            full = capture(model, call.args, call.kwargs, **how_loss)
         _check_loss(full, loss_fn)  # before planning: a model whose loss cannot be found is refused at once
         plan = _planned_on_rank_0(lambda: plan_graph(full, cluster or f"cpu:{world}", mesh=mesh, optimizer=optimizer))
     # a plan is made for one micro-batch of every replica: global-batch example inputs are cut to it
     args, kwargs = first_micro_batch((call.args, dict(call.kwargs)), plan)
     with outside_local_tensor_mode():
-        ir = capture(model, args, kwargs)
+        ir = capture(model, args, kwargs, **how_loss)
     plan.check_graph(ir)
     _check_loss(ir, loss_fn)
+    t = plan.training
+    if ir.loss is not None and ir.loss.reduction is not None:  # a plan made elsewhere may split what it must not
+        ir.loss.reduction.check_split(dp=plan.axis_size("dp"), pp=t.pp, micro_batches=t.num_micro_batches)
     if batch_norms := ir.train_batch_norms():
         from autoshard.solver.step_search import refuse_micro_batches
 
-        t = plan.training
         refuse_micro_batches(batch_norms, t.pp, t.num_micro_batches)
     if plan.training.pp > 1:
         return _pipelined(model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, seed=seed, **optimizer_kwargs)
@@ -245,6 +255,7 @@ class CompiledModel(ShardedModule):
             i for i, o in enumerate(ir.exported.graph_signature.output_specs) if o.kind is OutputKind.USER_OUTPUT
         ]
         self._batch = BatchLayout.of(ir, plan)  # which inputs carry the batch, and the rows the plan runs
+        self._reduction = loss_reduction_of(ir)
         self._make_builtin = optimizer_factory(optimizer, lr, **optimizer_kwargs)
 
         self.program: ProgramScope | None = None  # the program as FSDP2 modules, under ZeRO
@@ -275,6 +286,9 @@ class CompiledModel(ShardedModule):
         with torch.no_grad(), self._autocast():
             outputs = self._run(inputs)
         full = [o.full_tensor() if isinstance(o, DTensor) else o for o in outputs]
+        if self.loss_fn is None and self.ir.loss is not None and self.ir.loss.index is not None:
+            i = self.ir.loss.index  # the graph returns the loss's numerator (capture/loss_reduction.py)
+            full[i] = full[i] / self._reduction.denominator([inputs])
         return torch.utils._pytree.tree_unflatten([full[i] for i in self._user_outputs], self.ir.exported.call_spec.out_spec)
 
     def _forward_backward(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
@@ -301,6 +315,9 @@ class CompiledModel(ShardedModule):
         can attribute each collective to its phase)."""
         phase = phase or (lambda _name: contextlib.nullcontext())
         chunks = split_micro_batches(inputs, self._batch)
+        # each micro-batch's loss is a numerator over the global batch's denominator (the count of its
+        # real labels, its elements, 1 for a sum), so the accumulated gradients are the global batch's
+        denominator = self._reduction.denominator(chunks)
         total = 0.0
         for k, chunk in enumerate(chunks):  # gradient accumulation: one backward per micro-batch
             if self.fsdp:  # when FSDP gathers, frees and reduce-scatters (ZeRO's stage)
@@ -313,13 +330,14 @@ class CompiledModel(ShardedModule):
                     f"expected a scalar loss, found shape {tuple(loss.shape)}; "
                     "pass loss_fn=... to autoshard.compile, or return the loss from the model"
                 )
+            loss = loss / denominator if denominator != 1 else loss
             with phase("backward"):
-                (loss / len(chunks) if len(chunks) > 1 else loss).backward()
+                loss.backward()
             value = loss.full_tensor() if isinstance(loss, DTensor) else loss
             total += as_float(value.detach())
         with phase("backward"):
             self._settle_gradients()
-        return total / len(chunks)
+        return total
 
     def _autocast(self) -> ContextManager[Any]:
         return autocast(self._training.precision, self.mesh.device_type)

@@ -1,10 +1,9 @@
 """Micro-batches: a plan is made for one micro-batch of every data-parallel replica
 (`micro_batch_size * dp` sequences along dim 0); a step runs `num_micro_batches` of them.
 
-Splitting a mean loss into equal micro-batches and scaling each by 1 / num_micro_batches gives exactly the
-gradient of the mean over the global batch (as torch.distributed.pipelining's `scale_grads` assumes). A
-model whose loss is a *sum* over the batch would get gradients 1 / num_micro_batches too small: its loss
-must be a mean, like `F.cross_entropy`'s default.
+How micro-batch losses combine into the global batch's is the loss's reduction (capture/loss_reduction.py):
+each micro-batch's numerator over the global denominator, never a blind average of micro-batch means
+(which is wrong for a token mean whose micro-batches hold different numbers of real labels, and for a sum).
 """
 
 from __future__ import annotations

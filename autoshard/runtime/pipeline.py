@@ -12,14 +12,15 @@ Batch convention (shared with the solver): the graph is captured, and the plan m
 of every data-parallel replica, `micro_batch_size * dp` sequences. `train_step` takes the global batch,
 `num_micro_batches` times that, and the schedule splits it along dim 0.
 
-The loss: the model's forward(inputs..., targets) returns the mean loss. The nodes that read the targets
+The loss: the model's forward(inputs..., targets) returns the loss. The nodes that read the targets
 (the loss tail) become the schedule's `loss_fn(output, target)` on the last stage, so targets never travel
-through the pipeline. Each micro-batch's loss is the mean over that micro-batch; `loss_fn` divides it
-by the number of micro-batches before backward, as CompiledModel's gradient accumulation does, so the
-accumulated gradients equal the single-device gradients of the global-batch mean. (Not the schedule's
-`scale_grads`: it divides `p.grad` afterwards, which ZeRO-2 has already moved into its shard.)
-`train_step` returns the sum of the scaled micro-batch losses, the global mean, broadcast from the last
-stage to every rank.
+through the pipeline. The graph returns each micro-batch's loss numerator (its sum; capture/loss_reduction.py)
+and `loss_fn` divides it by the global batch's denominator (the count of real labels, of elements, 1 for a
+sum), which every rank computes from the global batch when the step starts, as CompiledModel's gradient
+accumulation does, so the accumulated gradients equal the single-device gradients of the global batch.
+(Not the schedule's `scale_grads`: it divides `p.grad` afterwards, which ZeRO-2 has already moved into
+its shard.) `train_step` returns the sum of the scaled micro-batch losses, the global loss, broadcast
+from the last stage to every rank.
 
 ZeRO, recomputation and mixed precision work per stage as in CompiledModel: under ZeRO each stage's
 blocks and the stage module are FSDP2 groups over the operator mesh's dp axis (runtime/fsdp.py), which
@@ -54,6 +55,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_t
 from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
+from autoshard.capture.loss_reduction import loss_reduction_of
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan, Training
@@ -61,7 +63,7 @@ from autoshard.passes.codegen import _contiguous, as_dtensor, codegen, grad_to, 
 from autoshard.passes.recompute import block_modes, outline_blocks
 from autoshard.passes.stages import StageGraph, StageSplit, split_stages
 from autoshard.capture.calls import flatten_call
-from autoshard.runtime.micro_batches import BatchLayout, first_micro_batch
+from autoshard.runtime.micro_batches import BatchLayout, first_micro_batch, split_micro_batches
 from autoshard.runtime.precision import autocast
 from autoshard.runtime.module import ShardedModule, build_mesh, optimizer_factory, owned_copy, param_spec, submesh
 from autoshard.runtime.fsdp import (
@@ -147,8 +149,8 @@ class _StageModule(nn.Module):
 
 
 class _LossFn:
-    """The loss tail as the schedule's `loss_fn(output, target)`: the scalar loss divided by the number of
-    micro-batches, as a plain tensor."""
+    """The loss tail as the schedule's `loss_fn(output, target)`: the micro-batch's loss numerator
+    (capture/loss_reduction.py) divided by the global batch's denominator, as a plain tensor."""
 
     def __init__(
         self,
@@ -160,7 +162,7 @@ class _LossFn:
         num_micro_batches: int,
     ) -> None:
         self.piece, self.mesh, self.inputs, self.target, self.precision = piece, mesh, list(inputs), target, precision
-        self.num_micro_batches = num_micro_batches
+        self.denominator = float(num_micro_batches)  # the global batch's, set by each step
 
     def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
         outputs = output if isinstance(output, (tuple, list)) else (output,)
@@ -171,7 +173,7 @@ class _LossFn:
         if loss.numel() != 1:
             raise InputError(f"expected a scalar loss, found shape {tuple(loss.shape)}; the model must return the loss")
         loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
-        return loss / self.num_micro_batches
+        return loss / self.denominator
 
 
 class PipelinedModel(ShardedModule):
@@ -233,6 +235,7 @@ class PipelinedModel(ShardedModule):
         self._user_inputs = user_inputs
         self._micro_shapes = {n: tuple(nodes[n].meta["val"].shape) for n in user_inputs if _is_tensor(nodes[n])}
         self._batch = BatchLayout.of(ir, plan)  # the rows a step takes, checked as CompiledModel checks them
+        self._reduction = loss_reduction_of(ir)
 
         def boundary(name: str) -> _Boundary:
             node = nodes[name]
@@ -347,7 +350,9 @@ class PipelinedModel(ShardedModule):
         """`step` on the global batch (identical on every rank): the schedule's forward and backward over
         `num_micro_batches` micro-batches, gradients to their parameters' placements, shared parameters'
         gradients summed. Returns the mean loss over the global batch on every rank."""
-        args, target = self._micro_batched(flatten_call(self.ir.exported, args, kwargs))
+        flat = flatten_call(self.ir.exported, args, kwargs)
+        args, target = self._micro_batched(flat)
+        self.loss_fn.denominator = self._reduction.denominator(split_micro_batches(flat, self._batch))
         losses: list[torch.Tensor] = []
         has_first = 0 in self.stage_ids
         has_last = len(self._training.stages) - 1 in self.stage_ids

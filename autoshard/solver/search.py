@@ -13,6 +13,7 @@ The full search keeps the configurations that lost as `plan.alternatives`, with 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -55,6 +56,7 @@ def plan(
     schedule: str | None = None,
     micro_batch_size: int | None = None,
     progress: bool | Callable[[str], None] = False,
+    loss_reduction: str | None = None,
 ) -> Plan:
     """Plan `model` for `cluster`: the fastest predicted training step that fits in memory.
 
@@ -66,9 +68,12 @@ def plan(
     cpu). `memory_limit` is bytes per device (default: the device's memory). `param_placements`
     fixes parameters by name pattern (a manual strategy such as Megatron's, priced by the same
     model). `progress=True` prints what the search is doing to stderr (or pass a callable).
+    `loss_reduction` ("mean" or "sum") declares how the loss reduces the batch where the graph cannot
+    tell (capture/loss_reduction.py); a loss of unknown reduction is planned without the splits that
+    would change it.
     """
     return plan_graph(
-        capture(model, example_inputs),
+        capture(model, example_inputs, loss_reduction=loss_reduction),
         cluster,
         optimizer=optimizer,
         memory_limit=memory_limit,
@@ -101,6 +106,33 @@ def plan_graph(
     progress: bool | Callable[[str], None] = False,
 ) -> Plan:
     """`plan` for an already captured graph."""
+    plan = _plan_graph(
+        ir, cluster, optimizer=optimizer, memory_limit=memory_limit, mesh=mesh, param_placements=param_placements,
+        time_limit_s=time_limit_s, precision=precision, zero_stage=zero_stage, recompute=recompute,
+        schedule=schedule, micro_batch_size=micro_batch_size, progress=progress,
+    )  # fmt: skip
+    reduction = ir.loss.reduction if ir.loss is not None else None
+    if reduction is None:
+        return plan
+    return dataclasses.replace(plan, training=dataclasses.replace(plan.training, loss_reduction=reduction.describe()))
+
+
+def _plan_graph(
+    ir: GraphIR,
+    cluster: Cluster | str,
+    *,
+    optimizer: str,
+    memory_limit: float | None,
+    mesh: Mapping[str, int] | None,
+    param_placements: Mapping[str, Sequence[Placement]] | None,
+    time_limit_s: float,
+    precision: str | None,
+    zero_stage: int | None,
+    recompute: str | None,
+    schedule: str | None,
+    micro_batch_size: int | None,
+    progress: bool | Callable[[str], None],
+) -> Plan:
     cluster = Cluster.parse(cluster) if isinstance(cluster, str) else cluster
     if not isinstance(cluster, Cluster):
         raise InputError(
@@ -142,6 +174,8 @@ def plan_graph(
         )
     if ir.batch_size is not None:
         check_dp_divides_batch(ir.batch_size, mesh)
+    if ir.loss is not None and ir.loss.reduction is not None:  # one micro-batch: only dp splits the batch
+        ir.loss.reduction.check_split(dp=mesh.get("dp", 1), pp=1, micro_batches=1)
     log.info("planning %s on mesh %s", ir.model_type, operator_mesh)
     try:
         return plan_on_mesh(

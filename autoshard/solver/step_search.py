@@ -134,11 +134,30 @@ def search_step(
         refuse_micro_batches(batch_norms, fixed.mesh.get("pp", 1) if fixed.mesh else 1, 1)
         meshes = [(dp, tp, pp) for dp, tp, pp in meshes if pp == 1]
         skipped.append(("pp > 1, several micro-batches", f"train-mode BatchNorm ({batch_norms[0]}, ...) needs the whole batch"))
+    reduction = ir.loss.reduction if ir.loss is not None else None
+    whole = bool(batch_norms) or (reduction is not None and reduction.splits is not None)
+    if reduction is not None and (reduction.splits or reduction.dp_split):  # a loss a split would change
+        if fixed.mesh is not None:
+            pinned = fixed.micro_batch_size
+            m = ir.batch_size // fixed.mesh.get("dp", 1) // pinned if pinned else 1
+            reduction.check_split(dp=fixed.mesh.get("dp", 1), pp=fixed.mesh.get("pp", 1), micro_batches=m)
+        if reduction.splits:
+            meshes = [(dp, tp, pp) for dp, tp, pp in meshes if pp == 1]
+            skipped.append(("pp > 1, several micro-batches", f"the loss is {reduction.found}: {reduction.splits}"))
+        if reduction.dp_split:
+            meshes = [(dp, tp, pp) for dp, tp, pp in meshes if dp == 1]
+            skipped.append(("dp > 1", f"the loss is {reduction.found}: {reduction.dp_split}"))
+        if not meshes:
+            raise InputError(
+                f"the loss is {reduction.found}, which no split of its batch over {cluster} keeps exact "
+                f"({reduction.dp_split or reduction.splits}); declare loss_reduction='mean' or 'sum' to "
+                "autoshard.plan/compile, or write the loss as one mean or sum reduction"
+            )
     for dp, tp, pp in meshes:
         replica = ir.batch_size // dp
         for mbs in _micro_batch_sizes(replica, pp, fixed.micro_batch_size):
             m = replica // mbs
-            if batch_norms and m > 1:
+            if whole and m > 1:
                 continue
             try:
                 chain = chains.get(tp, mbs)
