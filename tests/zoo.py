@@ -3,7 +3,9 @@ from configs (random init, nothing downloaded) and a nanoGPT-style model written
 
 Every entry has a tiny config (trains on 4 CPU ranks in seconds) and a large one (7B-class, GPT-2 XL,
 BERT-large, T5-large, ViT-L, ResNet-152) for planning on meta. `inputs(entry, batch)` returns the
-keyword arguments a user would pass (`input_ids=..., labels=...`, `pixel_values=..., labels=...`):
+keyword arguments a user would pass (`input_ids=..., labels=...`, `pixel_values=..., labels=...`;
+causal-LM batches right-padded with an attention mask and `-100` labels, masked-LM batches labelled
+on about 15% of tokens):
 the models are called exactly as their own documentation calls them, with no wrapper.
 
 Dropout is 0 everywhere, so a run can be compared with one device.
@@ -301,6 +303,13 @@ def build(name: str, *, large: bool = False, device: str = "cpu", seed: int = 0)
     return model
 
 
+def padding_mask(batch: int, seq: int) -> torch.Tensor:
+    """1 on the real tokens of each row, 0 on its right padding: row r has a different length, from the
+    full sequence down to a quarter of it, so micro-batches and ranks hold different numbers of labels."""
+    lengths = [seq - (r * 5) % (seq * 3 // 4) for r in range(batch)]
+    return (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
 def inputs(name: str, batch: int, *, large: bool = False, device: str = "cpu", seed: int = 1) -> dict[str, Any]:
     """The keyword arguments a user passes this model for one training batch of `batch` rows."""
     entry = ENTRIES[name]
@@ -313,8 +322,14 @@ def inputs(name: str, batch: int, *, large: bool = False, device: str = "cpu", s
             return torch.zeros(shape, dtype=torch.long, device="meta")
         return torch.randint(0, vocab, shape, generator=g)
 
-    if entry.kind == "causal-lm":
-        return {"input_ids": ids(batch, seq), "labels": ids(batch, seq), "use_cache": False}
+    if entry.kind == "causal-lm":  # right-padded as a collator pads: rows of different lengths
+        input_ids = ids(batch, seq)
+        if device == "meta":
+            return {"input_ids": input_ids, "labels": ids(batch, seq), "use_cache": False}
+        mask = padding_mask(batch, seq)
+        input_ids = input_ids.masked_fill(mask == 0, 0)
+        labels = input_ids.masked_fill(mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "use_cache": False}
     if entry.kind == "nanogpt":
         return {"idx": ids(batch, seq), "targets": ids(batch, seq)}
     if entry.kind == "masked-lm":

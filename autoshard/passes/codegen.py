@@ -100,8 +100,35 @@ def _spec(text: str) -> Spec:
 
 @torch.fx.wrap
 def redistribute(x: DTensor, placements: str) -> DTensor:
-    """`x` moved to `placements` (a spec string such as "(S(0), R)") with DTensor's collectives."""
-    return x.redistribute(x.device_mesh, _spec(placements))
+    """`x` moved to `placements` (a spec string such as "(S(0), R)") with DTensor's collectives. DTensor
+    has no path into a Partial from a Shard or another Partial kind: those axes go through Replicate
+    first, as the solver prices them (solver/pricing.py)."""
+    dst = _spec(placements)
+    if any(d.is_partial() and s != d for s, d in zip(x.placements, dst, strict=True)):
+        via = tuple(Replicate() if d.is_partial() and s != d else s for s, d in zip(x.placements, dst, strict=True))
+        x = _ReplicateToPartial.apply(x.redistribute(x.device_mesh, via), dst)
+    return x.redistribute(x.device_mesh, dst)
+
+
+class _ReplicateToPartial(torch.autograd.Function):
+    """Replicate -> Partial on the axes where `dst` is Partial, which DTensor's public redistribute
+    refuses: the value stays on coordinate 0 of each such axis and the other ranks hold zeros (a sum
+    that is exactly the value). Backward: the output's gradient, whatever its placement, made
+    Replicate on those axes (the gradient of a replicated tensor)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: DTensor, dst: Spec) -> DTensor:  # noqa: D102
+        mesh, axes = x.device_mesh, [i for i, d in enumerate(dst) if d.is_partial() and x.placements[i] != d]
+        ctx.source, ctx.mesh = x.placements, mesh
+        local = x.to_local()
+        if any(mesh.get_local_rank(i) != 0 for i in axes):
+            local = torch.zeros_like(local)
+        placements = tuple(dst[i] if i in axes else p for i, p in enumerate(x.placements))
+        return DTensor.from_local(local, mesh, placements, run_check=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: DTensor) -> tuple[DTensor, None]:  # noqa: D102
+        return grad.redistribute(ctx.mesh, ctx.source), None
 
 
 class _GradTo(torch.autograd.Function):
