@@ -237,6 +237,8 @@ def test_plan_summary_report_save_and_load(tmp_path, small_gpt: autoshard.GraphI
     assert s["dp"] == 4 and s["tp"] == 2 and s["solver"]["status"] in ("optimal", "feasible")
     report = plan.report()
     assert "transformer.h.*.attn.c_attn" in report and "total" in report
+    # the project's GPT: F.cross_entropy's default mean over labels != -100 (capture/loss_reduction.py)
+    assert "loss: token mean: cross_entropy_loss (mean over targets != -100)" in report
     path = plan.save(tmp_path / "plan.json")
     again = autoshard.Plan.load(path, graph=small_gpt)
     assert again == plan

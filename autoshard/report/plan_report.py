@@ -83,6 +83,8 @@ def plan_report(plan: Plan, *, depth: int | None = None) -> str:
         f"  collectives per step: {_collective_counts(plan)}",
         f"  how each axis is used (share of compute time): {_axis_usage(plan)}",
     ]
+    if t.loss_reduction:  # how the loss reduces the batch, and so how its split pieces combine
+        head.append(f"  loss: {t.loss_reduction}")
     if norms := _batch_norm_statistics(plan):
         head.append(norms)
     table = format_table(["module", "op", "placement", "count", "compute", "comm", "memory"], rows)
