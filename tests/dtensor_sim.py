@@ -29,7 +29,7 @@ from autoshard.ir.signature import arg_signature
 from autoshard.strategies import MeshSpec, ShardingOption, spec_str
 
 __all__ = [
-    "WORLD", "Captured", "MseMLP", "assemble", "backward_problem", "capture_mse_mlp", "capture_reference",
+    "WORLD", "Captured", "MseMLP", "MsePlusPenalty", "assemble", "backward_problem", "capture_mse_mlp", "capture_reference",
     "capture_values", "capture_zoo", "coords", "mse_batch", "piece", "signature", "signature_seed",
 ]
 
@@ -282,6 +282,15 @@ class MseMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.mse_loss(self.fc2(torch.relu(self.fc1(x))), y)
+
+
+class MsePlusPenalty(MseMLP):
+    """MseMLP with a small activation penalty added: the mse mean is no longer the whole loss, so it
+    stays a mean in the graph (capture/loss_reduction.py rewrites only a loss that is one reduction)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.fc2(torch.relu(self.fc1(x)))
+        return torch.nn.functional.mse_loss(out, y) + 1e-3 * out.pow(2).mean()
 
 
 def mse_batch(rows: int = 8, width: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

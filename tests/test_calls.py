@@ -63,7 +63,8 @@ def test_hugging_face_model_output_loss_and_keywords() -> None:
     assert ir.batch_size == 4
     # keywords in another order are the same call; the flat inputs follow the graph's order
     flat = flatten_call(ir.exported, (), dict(reversed(list(inputs.items()))))
-    assert flat[0] is inputs["input_ids"] and flat[1] is inputs["labels"] and flat[2] is False
+    assert flat[0] is inputs["input_ids"] and flat[1] is inputs["attention_mask"] and flat[2] is inputs["labels"]
+    assert flat[3] is False
     # and the eager loss is the ModelOutput's own
     assert eager_loss(model(**inputs)) is not None
 

@@ -117,14 +117,24 @@ def test_unknown_reductions_name_what_was_found_and_refuse_the_splits_that_chang
     assert two.kind == "unknown" and "add" in two.found
     with pytest.raises(InputError, match="the loss is add.*2 micro-batches.*loss_reduction"):
         two.check_split(dp=1, pp=1, micro_batches=2)
-    with pytest.raises(InputError, match="dp=2.*cross_entropy_loss divide by a count of non-ignored targets"):
-        two.check_split(dp=2, pp=1, micro_batches=1)  # its cross-entropy mean would be averaged over ranks
-    two.check_split(dp=1, pp=1, micro_batches=1)  # one piece: runs as captured
+    two.check_split(dp=4, pp=1, micro_batches=1)  # one micro-batch: dp reduces the graph as one device
     divided = autoshard.capture(BatchSizeDivisor(), (x, y)).loss.reduction
     assert divided.kind == "unknown" and "divides by 8, the captured batch of 8 rows (x.shape[0])" in divided.found
     with pytest.raises(InputError, match="2 pipeline stages"):
         divided.check_split(dp=1, pp=2, micro_batches=1)
     divided.check_split(dp=4, pp=1, micro_batches=1)  # dp alone: DTensor divides the global sum by 8
+
+
+def test_a_token_mean_inside_a_larger_loss_becomes_sum_over_count_in_the_graph() -> None:
+    """Inside a loss of two terms the cross-entropy mean is rewritten to its sum over the count of real
+    targets (DTensor then reduces both over the ranks, where it would average per-rank means); the
+    graph still computes the model's loss."""
+    x, y, _ = batch()
+    model = TwoTerms()
+    ir = autoshard.capture(copy.deepcopy(model), (x, y))
+    ops = [n.target for n in ir.exported.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.ne.Scalar in ops and torch.ops.aten.div.Tensor in ops
+    torch.testing.assert_close(ir.exported.module()(x, y), model(x, y), rtol=1e-6, atol=1e-7)
 
 
 def test_a_declared_reduction_is_used_where_the_graph_cannot_tell_and_refused_where_it_contradicts() -> None:

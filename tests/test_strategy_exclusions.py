@@ -125,8 +125,10 @@ def _mse_loss_inputs(plan: autoshard.Plan) -> tuple[str | None, ...]:
 
 
 def test_planner_feeds_mse_loss_no_sharded_batch_on_dp4() -> None:
+    """A mean mse_loss inside a larger loss (a loss that is mse_loss alone becomes its sum, which DTensor
+    shards right: capture/loss_reduction.py) is fed no batch-sharded input."""
     x, y = sim.mse_batch(rows=64)
-    plan = autoshard.plan(sim.MseMLP(), (x, y), "cpu:4", mesh={"dp": 4})
+    plan = autoshard.plan(sim.MsePlusPenalty(), (x, y), "cpu:4", mesh={"dp": 4})
     inputs = _mse_loss_inputs(plan)
     assert inputs and all(s is not None and "S(" not in s for s in inputs), inputs
 
@@ -134,7 +136,7 @@ def test_planner_feeds_mse_loss_no_sharded_batch_on_dp4() -> None:
 def test_without_the_table_the_planner_would_shard_the_mse_batch(without_exclusions: None) -> None:
     """Control for the test above: the batch-sharded mse_loss is what the planner picks when offered."""
     x, y = sim.mse_batch(rows=64)
-    plan = autoshard.plan(sim.MseMLP(), (x, y), "cpu:4", mesh={"dp": 4})
+    plan = autoshard.plan(sim.MsePlusPenalty(), (x, y), "cpu:4", mesh={"dp": 4})
     assert any(s is not None and "S(0)" in s for s in _mse_loss_inputs(plan)), _mse_loss_inputs(plan)
 
 

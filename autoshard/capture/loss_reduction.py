@@ -188,15 +188,15 @@ def analyse_loss(
     elif reader.suspect:
         found = reader.batch_scaled(found)
     if found.kind == "unknown":
-        means = reader.data_dependent_means()
-        if means:
-            found = LossReduction(
-                kind="unknown", found=found.found, splits=found.splits,
-                dp_split=f"{', '.join(means[:3])} divide by a count of non-ignored targets that differs between ranks",
-            )  # fmt: skip
-        return found
+        reader.rewrites.clear()
+        reader.numerators.clear()
     for rewrite in reader.rewrites:
         rewrite()
+    # any other mean over non-ignored targets (inside a loss of two terms, say) becomes its sum over
+    # its count inside the graph: DTensor reduces both globally, where it would average per-rank means
+    for node in reader.data_dependent_means():
+        if node not in reader.numerators:
+            _count_inside(exported, node)
     exported.graph_module.recompile()
     return found
 
@@ -208,6 +208,7 @@ class _Reader:
         self.user = [s.arg.name for s in specs if s.kind is InputKind.USER_INPUT]
         self.constants = {s.arg.name: exported.constants[s.target] for s in specs if s.kind is InputKind.CONSTANT_TENSOR}
         self.rewrites: list[Callable[[], None]] = []
+        self.numerators: set[fx.Node] = set()  # the class-loss nodes the output rewrite turns into sums
         self.scales: list[tuple[str, float]] = []  # (node, divisor) of the constant scales after the reduction
         self.suspect = False  # a scale that is a multiple of the batch rows
         self.found_unscaled: LossReduction | None = None
@@ -288,12 +289,14 @@ class _Reader:
             i_val = inp.meta["val"]
             rows = i_val.numel() // i_val.shape[1] if i_val.ndim >= 2 else 1
             self.rewrites.append(_set_arg(node, 3, "reduction", _SUM))
+            self.numerators.add(node)
             return LossReduction(kind="row mean", found=f"{op} with probability targets (mean over rows)",
                                  counts=lambda _c: rows, rewritten=True)  # fmt: skip
         count = self._from_inputs(target)
         if count is None:
             return _unknown(f"{op} whose targets are computed from more than the inputs")
         self.rewrites.append(_set_arg(node, 3, "reduction", _SUM))
+        self.numerators.add(node)
         return LossReduction(
             kind="token mean",
             found=f"{op} (mean over targets != {ignore})",
@@ -358,7 +361,7 @@ class _Reader:
 
         return evaluate
 
-    def data_dependent_means(self) -> list[str]:
+    def data_dependent_means(self) -> list[fx.Node]:
         """Mean-reduced class losses with integer targets anywhere in the graph: DTensor averages their
         per-rank means (Partial(avg)), exact only when every rank counts as many targets."""
         out = []
@@ -366,11 +369,41 @@ class _Reader:
             if n.op == "call_function" and n.target in _CLASS and _arg(n, 3, "reduction", _MEAN) == _MEAN:
                 t = n.args[1].meta.get("val") if isinstance(n.args[1], fx.Node) else None
                 if isinstance(t, torch.Tensor) and not t.is_floating_point():
-                    out.append(n.name)
+                    out.append(n)
         return out
 
 
 # ---- small helpers ------------------------------------------------------------------------------------
+
+
+def _count_inside(exported: ExportedProgram, node: fx.Node) -> None:
+    """Rewrite the class-loss mean `node` as `loss(reduction=sum) / (target != ignore_index).sum()` in
+    the graph (new nodes with fake values, for the planner). A split of its batch then reduces the sum
+    and the count over every rank before dividing (both Partial(sum)), which is the global mean."""
+    from torch._guards import detect_fake_mode
+
+    graph, target = exported.graph, node.args[1]
+    ignore = _arg(node, 4, "ignore_index", -100)
+    fake = detect_fake_mode([node.meta["val"], target.meta["val"]])
+    users = list(node.users)
+    _set_arg(node, 3, "reduction", _SUM)()
+    with graph.inserting_after(node):
+        real = graph.call_function(aten.ne.Scalar, (target, ignore))
+    with graph.inserting_after(real):
+        count = graph.call_function(aten.sum.default, (real,))
+    with graph.inserting_after(count):
+        mean = graph.call_function(aten.div.Tensor, (node, count))
+    with fake:
+        real.meta["val"] = aten.ne.Scalar(target.meta["val"], ignore)
+        count.meta["val"] = aten.sum.default(real.meta["val"])
+        mean.meta["val"] = aten.div.Tensor(node.meta["val"], count.meta["val"])
+    for new in (real, count, mean):  # where the user's code made it: module path and source line
+        new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+    for user in users:
+        user.replace_input_with(node, mean)
+    for spec in exported.graph_signature.output_specs:  # a model that also returns this loss returns the mean
+        if getattr(spec.arg, "name", None) == node.name:
+            spec.arg.name = mean.name
 
 
 def _output(exported: ExportedProgram, index: int) -> Any:
