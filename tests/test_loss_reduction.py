@@ -137,6 +137,28 @@ def test_a_token_mean_inside_a_larger_loss_becomes_sum_over_count_in_the_graph()
     torch.testing.assert_close(ir.exported.module()(x, y), model(x, y), rtol=1e-6, atol=1e-7)
 
 
+class Weighted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, CLASSES)
+        self.register_buffer("weight", torch.arange(1.0, CLASSES + 1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.proj(x).reshape(-1, CLASSES), y.reshape(-1), weight=self.weight)
+
+
+def test_a_class_weighted_mean_is_refused_for_every_split() -> None:
+    """Its mean divides by the weights of the targets seen, which no count from the inputs gives."""
+    x, y, _ = batch()
+    weighted = autoshard.capture(Weighted(), (x, y)).loss.reduction
+    assert weighted.kind == "unknown" and "class weights" in weighted.found
+    with pytest.raises(InputError, match="dp=2 ranks.*class-weighted mean"):
+        weighted.check_split(dp=2, pp=1, micro_batches=1)
+    with pytest.raises(InputError, match="2 micro-batches"):
+        weighted.check_split(dp=1, pp=1, micro_batches=2)
+    weighted.check_split(dp=1, pp=1, micro_batches=1)
+
+
 def test_a_declared_reduction_is_used_where_the_graph_cannot_tell_and_refused_where_it_contradicts() -> None:
     x, y, m = batch()
     declared = autoshard.capture(BatchSizeDivisor(), (x, y), loss_reduction="mean").loss.reduction

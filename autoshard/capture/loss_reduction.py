@@ -31,6 +31,7 @@ user declares `loss_reduction="mean"` (equal micro-batches weigh equally) or `"s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -194,10 +195,19 @@ def analyse_loss(
         rewrite()
     # any other mean over non-ignored targets (inside a loss of two terms, say) becomes its sum over
     # its count inside the graph: DTensor reduces both globally, where it would average per-rank means
+    weighted = []
     for node in reader.data_dependent_means():
-        if node not in reader.numerators:
+        if node in reader.numerators:
+            continue
+        if _arg(node, 2, "weight", None) is None:
             _count_inside(exported, node)
+        else:  # its mean divides by the class weights of the targets each rank sees
+            weighted.append(node.name)
     exported.graph_module.recompile()
+    if weighted:
+        found = dataclasses.replace(
+            found, dp_split=f"{', '.join(weighted[:3])}: a class-weighted mean, whose weights differ between ranks"
+        )
     return found
 
 
