@@ -50,6 +50,7 @@ def _export(name: str, model: torch.nn.Module, *args: torch.Tensor) -> sim.Captu
 # A small graph holding each rule's op, to run the rule's excluded options on.
 WITNESSES: dict[object, Callable[[], sim.Captured]] = {
     aten.mse_loss.default: sim.capture_mse_mlp,
+    aten.cross_entropy_loss.default: lambda: sim.capture_zoo("gpt2"),  # right-padded rows: -100 labels
     aten.add_.Tensor: lambda: _export("residual", _Residual(), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))),
 }
 

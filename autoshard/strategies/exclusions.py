@@ -81,6 +81,18 @@ RULES: tuple[ExclusionRule, ...] = (
         pattern=_mean_of_a_sharded_input,
     ),
     ExclusionRule(
+        op=aten.cross_entropy_loss.default,
+        placement="an input Shard(d) on a mesh axis of size > 1 with reduction='mean' (output P(avg) there)",
+        what=(
+            "the mean over non-ignored targets is averaged over ranks as per-rank means: wrong when ranks hold "
+            "different numbers of real targets (a padded causal-LM batch: Hugging Face GPT-2 on rows with "
+            "-100 padding, under {dp: 4} and {dp: 2, tp: 2}); capture rewrites such a loss to a sum over the "
+            "global count (capture/loss_reduction.py), so only a class-weighted mean still meets this rule"
+        ),
+        torch_versions=("2.13",),
+        pattern=_mean_of_a_sharded_input,
+    ),
+    ExclusionRule(
         op=aten.add_.Tensor,
         placement="output Partial on some mesh axis, self (input 0) Partial on none",
         what=(
