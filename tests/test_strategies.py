@@ -132,7 +132,9 @@ def test_embedding_and_cross_entropy(graph: torch.fx.Graph) -> None:
     assert (((S(0),),), ((R,), (S(0),))) in got  # batch-sharded ids
     assert all(o.inputs[0] != (S(0),) for o in node_options(emb, TP8))  # no vocab-parallel (_MaskPartial)
     (ce,) = nodes(graph, aten.cross_entropy_loss.default)
-    assert pairs(ce, TP8) == {(((R,),), ((R,), (R,))), (((PAVG,),), ((S(0),), (S(0),)))}
+    # DTensor also offers the batch split with P(avg), the mean of per-rank means: wrong on padded labels,
+    # so strategies/exclusions.py drops it (capture rewrites a loss that is one such mean to a sum)
+    assert pairs(ce, TP8) == {(((R,),), ((R,), (R,)))}
 
 
 def test_views_chunk_and_getitem_follow_their_input(graph: torch.fx.Graph) -> None:
