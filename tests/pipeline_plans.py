@@ -1,7 +1,7 @@
 """Pipelined plans made by hand until the solver picks stages: the operator part planned by the existing
 solver on the operator mesh (a cluster of that many devices), then given a pp axis and a `Training`.
 
-Convention (shared with the solver and runtime/pipeline.py): the graph is captured for one micro-batch of
+Convention (shared with the solver and runtime/model.py): the graph is captured for one micro-batch of
 every data-parallel replica, `micro_batch_size * dp` sequences; the global batch is `num_micro_batches`
 of those.
 """
@@ -64,6 +64,33 @@ class SkipModel(nn.Module):
             x = x + block(x)
         logits = self.head(x + x0)  # (B, T, vocab)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+class OutputsModel(SkipModel):
+    """SkipModel returning its loss with the logits (the loss reads them) and the last block's output
+    (nothing after the head reads it): a pipelined forward returns all three from the last stage."""
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        x0 = self.embed(idx)
+        x = x0
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x + x0)
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), targets.flatten()), "logits": logits, "hidden": x}
+
+
+class EarlyOutputModel(SkipModel):
+    """SkipModel that also returns its embedding's output, made on the first stage: it trains, but a
+    pipelined forward cannot return it and says so."""
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = self.embed(idx)
+        early = x0 * 2  # before the first block: on stage 0, read by nothing after it
+        x = x0
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x + x0)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), early
 
 
 class UnusedParamsModel(SkipModel):

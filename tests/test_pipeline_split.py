@@ -18,7 +18,8 @@ from autoshard.ir.plan import Training
 from autoshard.models import build
 from autoshard.passes.codegen import codegen
 from autoshard.passes.stages import split_stages
-from autoshard.runtime.pipeline import _check_plan, first_micro_batch
+from autoshard.runtime.micro_batches import first_micro_batch
+from autoshard.runtime.model import check_plan as _check_plan
 
 from pipeline_plans import SkipModel, block_paths  # tests/ is on sys.path under pytest
 

@@ -158,7 +158,7 @@ class GraphIR:
     def train_mode_ops(self) -> tuple[str, ...]:
         """The nodes that compute otherwise in `model.eval()`: train-mode BatchNorms and dropouts of
         nonzero probability. The graph is captured in training mode, so an evaluation-mode forward of
-        a model with any of these would run them as in training (refused: runtime/compiled.py)."""
+        a model with any of these would run them as in training (refused: runtime/model.py)."""
         if self.exported is None:
             return ()
         dropouts = []

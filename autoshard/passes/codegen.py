@@ -62,6 +62,7 @@ __all__ = [
     "EdgeRedistribution",
     "as_dtensor",
     "codegen",
+    "contiguous_strides",
     "grad_to",
     "local_attention",
     "local_chunk",
@@ -260,8 +261,8 @@ def run_replicated(op: Any, *args: Any, **kwargs: Any) -> Any:
     )
 
 
-def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
-    """Row-major strides of `shape` (runtime/fsdp.py and runtime/pipeline.py import it from here)."""
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Row-major strides of `shape`: the stride a DTensor built from local pieces gets (runtime/fsdp.py, runtime/stage.py)."""
     stride, acc = [], 1
     for s in reversed(shape):
         stride.append(acc)

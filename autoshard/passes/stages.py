@@ -16,10 +16,12 @@ per stage), as `torch.fx.passes.split_module` does:
   residual stream alone. A constant subgraph must therefore be deterministic (no random factories);
 - the *loss tail*, every node that depends on the targets input (the single user input that no block
   reads), is cut off as its own graph: the pipeline schedule calls it as `loss_fn(output, target)`
-  on the last stage, so the targets never travel through the pipeline;
+  on the last stage, so the targets never travel through the pipeline. The same tail, returning every
+  output of the model rather than the loss alone, is the `outputs` graph a forward (evaluation) ends
+  with; the last stage also returns the model's outputs it computes that the loss does not read;
 - parameters, buffers and constants (the graph's lifted placeholders) are inputs of every stage that
   reads them: a parameter read by two stages (GPT's tied wte / lm_head) is held by both, and the
-  runtime sums its gradients after backward (runtime/pipeline.py).
+  runtime sums its gradients after backward (runtime/schedule.py).
 
 A value produced on stage i and read on stage j > i + 1 is passed through the stages in between, since
 a pipeline stage only receives from its predecessor.
@@ -31,7 +33,8 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch.export.graph_signature import InputKind
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx import Graph, GraphModule, Node
 
 from autoshard.errors import InputError
@@ -39,7 +42,7 @@ from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Training
 from autoshard.passes.codegen import grad_to, redistribute
 
-__all__ = ["StageGraph", "StageSplit", "split_stages"]
+__all__ = ["StageGraph", "StageSplit", "split_stages", "whole_program"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -58,7 +61,26 @@ class StageGraph:
 class StageSplit:
     stages: tuple[StageGraph, ...]  # pp * virtual_stages of them, in pipeline order
     loss: StageGraph  # inputs: the last stage's outputs, then the target
+    outputs: StageGraph  # the loss's inputs; returns the model's outputs (USER_OUTPUT), in order
     target: str  # the user input the loss reads (placeholder name)
+    unreachable: tuple[str, ...]  # model outputs made before the last stage: a forward cannot return them
+
+
+def whole_program(gm: GraphModule, ir: GraphIR) -> StageGraph:
+    """Codegen's GraphModule `gm` as the one stage of a plan without pipelining: it takes every lifted
+    placeholder as state and every user input, and returns every output of the graph."""
+    if ir.exported is None:
+        raise InputError("expected a GraphIR that keeps its ExportedProgram, found one without; capture the model")
+    kinds = {s.arg.name: s.kind for s in ir.exported.graph_signature.input_specs}
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    values = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    values = values if isinstance(values, (tuple, list)) else (values,)
+    return StageGraph(
+        graph_module=gm,
+        state=tuple(n for n in placeholders if kinds.get(n) is not InputKind.USER_INPUT),
+        inputs=tuple(n for n in placeholders if kinds.get(n) is InputKind.USER_INPUT),
+        outputs=tuple(getattr(v, "name", str(v)) for v in values),
+    )
 
 
 def split_stages(gm: GraphModule, ir: GraphIR, training: Training) -> StageSplit:
@@ -124,6 +146,19 @@ def split_stages(gm: GraphModule, ir: GraphIR, training: Training) -> StageSplit
         return [v for v in nodes if v in stage and stage[v] <= k and any(stage.get(u, -1) > k for u in v.users)]
 
     boundaries = [values_crossing(k) for k in range(n)]
+    # the model's outputs: the tensors the last stage makes it returns too, so a forward can return them
+    # with what the tail computes; one made earlier cannot be returned (a forward refuses; training
+    # needs the loss alone)
+    kinds_out = [s.kind for s in ir.exported.graph_signature.output_specs]
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    user_outputs = [v for v, k in zip(values, kinds_out, strict=True) if k is OutputKind.USER_OUTPUT]
+    extras = [
+        v for v in user_outputs
+        if isinstance(v, Node) and stage.get(v) == n - 1 and v not in boundaries[-1] and _is_tensor(v)
+    ]  # fmt: skip
+    boundaries[-1] = [*boundaries[-1], *extras]
+    made = {*boundaries[-1], *(v for v in stage if stage[v] == n)}
+    unreachable = tuple(v.name for v in user_outputs if isinstance(v, Node) and v not in made)
     stage_inputs = [[p for p in user_inputs if p is not target], *boundaries[:-1]]
     pieces = []
     for k in range(n):
@@ -131,12 +166,14 @@ def split_stages(gm: GraphModule, ir: GraphIR, training: Training) -> StageSplit
         pieces.append(_build(gm, nodes, members, stage_inputs[k], boundaries[k], state, constant))
     loss_members = [v for v in nodes if stage.get(v) == n and v is not target]
     loss = _build(gm, nodes, loss_members, [*boundaries[-1], target], [loss_value], state, constant)
+    forward_outputs = [loss_value] if unreachable else user_outputs
+    outputs = _build(gm, nodes, loss_members, [*boundaries[-1], target], forward_outputs, state, constant)
     if loss.state and any(kinds[name] is InputKind.PARAMETER for name in loss.state):
         raise InputError(
             f"the loss reads parameters {list(loss.state)}; expected a loss computed from the model's output "
             "and the targets alone (a pipeline's loss function holds no parameters)"
         )
-    return StageSplit(stages=tuple(pieces), loss=loss, target=target.name)
+    return StageSplit(stages=tuple(pieces), loss=loss, outputs=outputs, target=target.name, unreachable=unreachable)
 
 
 def _block_index(ir: GraphIR, blocks: Sequence[str]):  # -> Callable[[Node], int | None]
@@ -209,6 +246,10 @@ def _loss_value(output: Node, tail: set[Node], index: int | None) -> Node:
     return values[index]
 
 
+def _is_tensor(node: Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
 def _build(
     gm: GraphModule,
     nodes: Sequence[Node],
@@ -236,13 +277,13 @@ def _build(
         if node in include and node not in env:
             env[node] = graph.node_copy(node, lambda a: env[a])
     for out in outputs:
-        if out not in env:
+        if isinstance(out, Node) and out not in env:
             raise InputError(f"stage output {out.name} is neither computed nor received by the stage")
-    graph.output(tuple(env[o] for o in outputs))
+    graph.output(tuple(env[o] if isinstance(o, Node) else o for o in outputs))
     graph.lint()
     return StageGraph(
         graph_module=GraphModule(gm, graph),
         state=tuple(p.name for p in used_state),
         inputs=tuple(p.name for p in inputs),
-        outputs=tuple(o.name for o in outputs),
+        outputs=tuple(o.name if isinstance(o, Node) else repr(o) for o in outputs),
     )

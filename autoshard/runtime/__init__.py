@@ -1,6 +1,6 @@
-"""Runtime: a Plan executed as DTensor training on torch.distributed. `compile` returns a
-ShardedModule (module.py): CompiledModel (compiled.py), or PipelinedModel (pipeline.py) for plans with
-pipeline stages; checkpoint.py saves and loads its state (DCP)."""
+"""Runtime: a Plan executed as DTensor training on torch.distributed. `compile` (compiled.py) returns a
+CompiledModel (model.py) for every plan: its stages (stage.py) under a schedule (schedule.py), gradient
+accumulation for one stage, torch's pipelining for several; checkpoint.py saves and loads its state (DCP)."""
 
 from autoshard.runtime.checkpoint import (
     checkpoint_state_dict,
@@ -9,13 +9,12 @@ from autoshard.runtime.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from autoshard.runtime.compiled import CompiledModel, compile
+from autoshard.runtime.compiled import compile
+from autoshard.runtime.model import CompiledModel
 from autoshard.runtime.module import ShardedModule
-from autoshard.runtime.pipeline import PipelinedModel
 
 __all__ = [
     "CompiledModel",
-    "PipelinedModel",
     "ShardedModule",
     "checkpoint_state_dict",
     "compile",

@@ -47,7 +47,7 @@ from autoshard.report.table import format_count, format_table
 from autoshard.runtime.fsdp import zero_collectives
 
 if TYPE_CHECKING:
-    from autoshard.runtime.compiled import CompiledModel
+    from autoshard.runtime.model import CompiledModel
 
 __all__ = ["CommReport", "CommRow", "IssuedCollective", "SCALAR_BYTES", "measure_comm"]
 

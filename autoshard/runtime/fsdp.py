@@ -54,7 +54,7 @@ from autoshard.cost_model.collectives import Collective, collective_bytes_per_de
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan, PlannedCollective, Training
-from autoshard.passes.codegen import _contiguous
+from autoshard.passes.codegen import contiguous_strides
 from autoshard.passes.recompute import block_modes, checkpoint_block, outline_blocks
 from autoshard.strategies.mesh import spec_from_str, spec_str
 
@@ -326,7 +326,7 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
         # over dp the local tensors split the tensor every other axis leaves this rank
         shape = _dp_shape(t, i)
         on_dp = Shard(t.placements[i].dim)
-        local = DTensor.from_local(t.to_local(), sub, (on_dp,), run_check=False, shape=shape, stride=_contiguous(shape))
+        local = DTensor.from_local(t.to_local(), sub, (on_dp,), run_check=False, shape=shape, stride=contiguous_strides(shape))
         gathered = local.full_tensor()
         placements = tuple(Replicate() if k == i else p for k, p in enumerate(t.placements))
         t = DTensor.from_local(gathered, t.device_mesh, placements, run_check=False, shape=t.shape, stride=t.stride())

@@ -10,7 +10,7 @@ construction runs it: every module's `reset_parameters()` in `model.modules()` o
 style models re-initialise after construction). Each in-place initialisation op on a parameter (normal_,
 uniform_, zero_, fill_, ...) is run instead on a fresh full-size CPU tensor, drawing from the CPU
 generator exactly as the CPU build would, and only this rank's shard of it is kept. Memory peak: one
-full parameter (twice: the runtime copies it so each rank owns its storage, see compiled._owned_copy),
+full parameter (twice: the runtime copies it so each rank owns its storage, runtime/module.py owned_copy),
 never the model.
 
 Trade-off, and why not generate only the local shard: torch's CPU generator (mt19937) cannot skip ahead,
@@ -28,7 +28,7 @@ parameter's values, is refused with an InputError rather than guessed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -107,13 +107,16 @@ def materialize_shards(
     *,
     seed: int,
     owned: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    wanted: Collection[str] | None = None,
 ) -> dict[str, DTensor]:
     """This rank's shard of every parameter of the meta `model`, as DTensors placed per `placements`
-    (canonical parameter name -> placements; tied names map to their canonical one's tensor).
+    (canonical parameter name -> placements; tied names map to their canonical one's tensor). With
+    `wanted`, only those are kept (a pipeline stage's): every parameter is still generated, in order,
+    since each one's values depend on the random stream before it.
 
     Every rank must call it with the same seed: the full values are generated identically everywhere
     and each rank keeps its own slice (no communication). The global RNG state is left untouched.
-    `owned` turns a generated tensor into one the rank owns (see compiled._owned_copy).
+    `owned` turns a generated tensor into one the rank owns (runtime/module.py `owned_copy`).
     """
     buffers = [n for n, b in model.named_buffers() if b.is_meta]
     if buffers:
@@ -131,14 +134,19 @@ def materialize_shards(
         raise InputError(f"expected a placement for every parameter, found none for {missing[:3]}")
     shards: dict[str, DTensor] = {}
 
+    written: set[str] = set()
+
     def keep(name: str, full: torch.Tensor) -> None:
+        written.add(name)
+        if wanted is not None and name not in wanted:
+            return
         shards[name] = distribute_tensor(
             owned(full.to(mesh.device_type)), mesh, placements[name], src_data_rank=None
         )
 
     with _ShardingInit(by_id, keep, seed):
         replay_init(model)
-    unset = sorted(set(placements) - set(shards))
+    unset = sorted(set(placements) - written)
     if unset:
         raise InputError(
             f"expected the model's reset_parameters()/init_weights() to initialise every parameter, found "

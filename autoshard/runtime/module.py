@@ -1,7 +1,7 @@
 """What every compiled model shares: an `nn.Module` under the model's own names, `step`, clipping.
 
-`autoshard.compile` hands back a `ShardedModule` (CompiledModel, or PipelinedModel for a plan with
-pipeline stages). It is a torch module in the sense torch's own tools rely on:
+`autoshard.compile` hands back a CompiledModel (runtime/model.py, for every plan), whose torch-module face
+is the `ShardedModule` base here. It is a torch module in the sense torch's own tools rely on:
 
 - `named_parameters()` yields the model's own qualified names (`transformer.h.0.attn.c_attn.weight`),
   each a DTensor parameter in the plan's placement (under ZeRO, FSDP2's dp shard of it; under
@@ -17,8 +17,8 @@ pipeline stages). It is a torch module in the sense torch's own tools rely on:
 - `clip_grad_norm_(max_norm)` clips by the norm over the whole model: every rank and stage, each
   parameter counted once, with the formula of `torch.nn.utils.clip_grad_norm_`.
 
-The helpers the runtimes share (the DeviceMesh of a plan, a parameter's placement, an owned copy of a
-tensor, the built-in optimizers) live here, public, so neither runtime imports the other's privates.
+The helpers the runtime shares with checkpointing and tests (the DeviceMesh of a plan, an owned copy of
+a tensor, the built-in optimizers) live here, public.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from autoshard.errors import InputError
 from autoshard.ir.plan import Plan
 from autoshard.runtime.faults import StepWatch
-from autoshard.strategies.mesh import spec_from_str
 
 __all__ = [
     "OPTIMIZERS",
@@ -48,7 +47,6 @@ __all__ = [
     "build_mesh",
     "optimizer_factory",
     "owned_copy",
-    "param_spec",
     "submesh",
 ]
 
@@ -66,10 +64,10 @@ def optimizer_factory(name: str, lr: float, **kwargs: Any) -> Callable[[list[nn.
 class ShardedModule(nn.Module):
     """A compiled model: parameters under the model's names, `step`, `train_step`, `clip_grad_norm_`.
 
-    Subclasses build the runtime, keep this rank's parameters by canonical name in `_params`, call
-    `_adopt` with them and the buffers, and implement
-    `_forward_backward` (one global batch: forward, backward, gradients settled) and `_norm_parameters`
-    (the parameters this rank counts in the global norm)."""
+    The runtime (CompiledModel) keeps this rank's parameters by canonical name in `_params`, calls
+    `_adopt` with them and the buffers, and implements `_forward_backward` (one global batch: forward,
+    backward, gradients settled), `_norm_parameters` (the parameters this rank counts in the global
+    norm) and `_combine_norms` (the norm over the ranks holding other stages)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -292,17 +290,6 @@ def submesh(mesh: DeviceMesh, names: tuple[str, ...]) -> DeviceMesh:
 
 
 MESHES: dict[tuple, DeviceMesh] = {}  # cleared by strategies._dtensor.reset_caches
-
-
-def param_spec(name: str, placement: str) -> tuple:
-    """The placements of parameter `name` from the plan's text; a Partial parameter is refused."""
-    spec = spec_from_str(placement)
-    if any(p.is_partial() for p in spec):
-        raise InputError(
-            f"expected parameter {name} to be replicated or sharded, found the plan's placement {placement}; "
-            "a parameter cannot be partial: plan again"
-        )
-    return spec
 
 
 def owned_copy(t: torch.Tensor) -> torch.Tensor:

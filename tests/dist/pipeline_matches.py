@@ -32,7 +32,9 @@ from autoshard.models import build  # noqa: E402
 from autoshard.runtime.launch import rank_session  # noqa: E402
 from autoshard.runtime.reference import single_device_run  # noqa: E402
 from pipeline_plans import (  # noqa: E402
+    EarlyOutputModel,
     MatmulDtypes,
+    OutputsModel,
     SkipModel,
     UnusedParamsModel,
     max_diff,
@@ -60,6 +62,8 @@ CASES: dict[str, tuple] = {
     "llama-tp": ("llama-tiny", None, "1f1b", 1, {"tp": 2}),
     # the embedding's output skips stages 1 and 2 to reach the head on stage 3 (ranks 0 -> 1 -> 0 -> 1)
     "skip-interleaved": ("skip", 4, "interleaved-1f1b", 2, {"dp": 2}),
+    # a model returning its logits and last hidden state beside the loss: a forward returns them all
+    "outputs-interleaved": ("outputs", 4, "interleaved-1f1b", 2, {"dp": 2}),
     # parameters no node reads (pipeline_plans.UnusedParamsModel): held by stage 0, in the state dict
     "unused-1f1b": ("unused", 4, "1f1b", 1, {"dp": 2}),
     "unused-zero1": ("unused", 4, "1f1b", 1, {"dp": 2}, {"zero_stage": 1}),
@@ -82,10 +86,13 @@ CASES: dict[str, tuple] = {
 }
 
 
+MODELS = {"skip": SkipModel, "unused": UnusedParamsModel, "outputs": OutputsModel, "early": EarlyOutputModel}
+
+
 def make(preset: str, layers: int | None) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
-    if preset in ("skip", "unused"):
-        model: nn.Module = (SkipModel if preset == "skip" else UnusedParamsModel)(n_layer=layers or 4)
+    if preset in MODELS:
+        model: nn.Module = MODELS[preset](n_layer=layers or 4)
         vocab = model.embed.num_embeddings
     else:
         model = build(preset, device="cpu", **({"n_layer": layers} if layers else {}))
@@ -143,13 +150,13 @@ def check(name: str, models: dict) -> dict:
     if plan.training.precision == "bf16-mixed":
         initial = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
         return check_bf16(compiled, batches, ref_losses, ref_params, initial)
+    problems = forward_problems(compiled, model, batches[0])
     losses, grads = [], {}
     for step, batch in enumerate(batches):
         losses.append(compiled.train_step(*batch))
         if step == 0:
             grads = {n: g.full_tensor() for n, g in sorted(compiled.gradients().items())}
     params = compiled.full_state_dict()
-    problems = []
     problems += check_zero(compiled, changes.get("zero_stage", 0))
     problems += check_recompute(compiled, plan)
     for sid in compiled.stage_ids:  # every copy of a parameter read by two stages (GPT's tied wte) stays equal
@@ -173,6 +180,22 @@ def check(name: str, models: dict) -> dict:
         "max_grad_diff": max(max_diff(g, ref_grads[n]) for n, g in grads.items()),
         "max_param_diff": max(max_diff(p, ref_params[n]) for n, p in params.items()),
     }
+
+
+def forward_problems(compiled, model: nn.Module, batch: tuple) -> list[str]:
+    """`compiled(*micro_batch)` (before training) returns what the single-device model returns on it, whole,
+    in the model's structure, on every rank: the stages run in order, the outputs come from the last."""
+    micro = tuple(x[:MICRO] for x in batch)
+    got, want = compiled(*micro), model(*micro)
+    got_flat, got_spec = torch.utils._pytree.tree_flatten(got)
+    want_flat, want_spec = torch.utils._pytree.tree_flatten(want)
+    if got_spec != want_spec:
+        return [f"forward returned {got_spec}, the model {want_spec}"]
+    return [
+        f"forward output {i}: max |diff| {max_diff(g, w):.3g}"
+        for i, (g, w) in enumerate(zip(got_flat, want_flat, strict=True))
+        if g.shape != w.shape or not torch.allclose(g, w, rtol=RTOL, atol=ATOL)
+    ]
 
 
 def check_zero(compiled, stage: int) -> list[str]:
@@ -235,11 +258,25 @@ def bad_inputs(models: dict) -> dict:
     micro = tuple(x[:MICRO] for x in batches[0])
     plan = shared_plan(model, micro, "gpipe", 1, {"dp": 2})
     compiled = autoshard.compile(model, batches[0], plan=plan, optimizer="sgd", lr=LR)
+    problems = []
     try:
         compiled.train_step(*(x[:6] for x in batches[0]))
+        problems.append("a batch of 6 sequences for 4 micro-batches of 2 was accepted")
     except InputError as e:
-        return {"ok": "input idx" in str(e) and "6 rows" in str(e) and "exactly 8 rows" in str(e), "problems": [str(e)]}
-    return {"ok": False, "problems": ["a batch of 6 sequences for 4 micro-batches of 2 was accepted"]}
+        if not ("input idx" in str(e) and "6 rows" in str(e) and "exactly 8 rows" in str(e)):
+            problems.append(str(e))
+    # an output made on the first stage: training runs, a forward says why it cannot return it
+    early, early_batches = make("early", 2)
+    plan = shared_plan(early, tuple(x[:MICRO] for x in early_batches[0]), "gpipe", 1, {"dp": 2})
+    compiled = autoshard.compile(early, early_batches[0], plan=plan, optimizer="sgd", lr=LR)
+    compiled.train_step(*early_batches[0])
+    try:
+        compiled(*(x[:MICRO] for x in early_batches[0]))
+        problems.append("a forward returned an output made on the first stage")
+    except InputError as e:
+        if "made earlier" not in str(e):
+            problems.append(str(e))
+    return {"ok": not problems, "problems": problems}
 
 
 def main(names: list[str]) -> None:

@@ -1,0 +1,151 @@
+"""Stage: one piece of the generated program, run on the operator mesh, as an `nn.Module`.
+
+Every plan runs as stages. A plan without pipelining has one stage holding the whole program
+(passes/stages.py `whole_program`): it takes the user's inputs, distributes them per the plan and
+returns the program's outputs as DTensors. A pipelined plan has `len(training.stages)` of them, cut by
+passes/stages.py: between stages torch's `PipelineStage` sends plain local tensors, so a stage turns
+what it receives into DTensors with the planned placements (`Boundary.enter`, `DTensor.from_local`) and
+its outputs back into local tensors (`Boundary.leave`); both carry autograd, so the gradients that travel
+back are the local shards of the true gradients. A boundary value the plan leaves Partial is reduced
+(to Replicate) before it is sent: a partial sum has no meaning on another rank.
+
+Under ZeRO a stage's program is a `ProgramScope` (runtime/fsdp.py) that owns its parameters, and the
+stage is the root FSDP2 group; otherwise the stage holds the parameters it reads itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from autoshard.errors import InputError
+from autoshard.passes.codegen import contiguous_strides, use_mesh
+from autoshard.passes.stages import StageGraph
+from autoshard.runtime.fsdp import ProgramScope
+from autoshard.runtime.layout import Placements
+from autoshard.runtime.precision import autocast
+
+__all__ = ["Boundary", "LossTail", "Stage", "enter"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Boundary:
+    """How a value crosses a stage boundary: its placement (no Partial) and global shape."""
+
+    spec: Placements
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def enter(self, local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+        stride = contiguous_strides(self.shape)
+        return DTensor.from_local(local, mesh, self.spec, run_check=False, shape=self.shape, stride=stride)
+
+    def leave(self, value: Any, mesh: DeviceMesh) -> torch.Tensor:
+        if not isinstance(value, DTensor):
+            raise InputError(f"expected a DTensor at a stage boundary, found {type(value).__name__}")
+        if tuple(value.placements) != self.spec:
+            value = value.redistribute(mesh, self.spec)
+        return value.to_local().contiguous()
+
+
+def enter(how: Boundary | Placements, value: Any, mesh: DeviceMesh) -> Any:
+    """A value arriving at a stage as a DTensor: a local piece from the previous stage (`Boundary`), or a
+    whole user input distributed per its placement. Non-tensors (flags, ints) and DTensors pass as they are."""
+    if isinstance(how, Boundary):
+        return how.enter(value, mesh)
+    if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
+        return value
+    return distribute_tensor(value, mesh, how)
+
+
+class Stage(nn.Module):
+    """One stage: `forward(*inputs)` runs its piece of the program on `mesh` under the plan's precision.
+
+    `inputs` says how each input arrives (a Boundary for a value from the previous stage, a placement
+    for a user input); `outputs` how each output leaves (Boundaries: local tensors for the next stage),
+    or None: the DTensors themselves (the one stage of a plan without pipelining)."""
+
+    def __init__(
+        self,
+        piece: StageGraph,
+        mesh: DeviceMesh,
+        params: Mapping[str, nn.Parameter],
+        tensors: Mapping[str, torch.Tensor],
+        inputs: Sequence[Boundary | Placements],
+        outputs: Sequence[Boundary] | None,
+        precision: str,
+        scope: ProgramScope | None = None,
+        held: Mapping[str, nn.Parameter] | None = None,
+    ) -> None:
+        super().__init__()
+        self.piece = piece
+        self.graph_module = piece.graph_module
+        self.mesh = mesh
+        self.precision = precision
+        self.scope = scope  # under ZeRO: the program as FSDP2 modules, owning its parameters
+        if scope is None:
+            for name in piece.state:
+                if name in params:
+                    self.register_parameter(name, params[name])
+            for c, p in (held or {}).items():  # read by no node: held here so the state has them
+                self.register_parameter(c.replace(".", "__"), p)
+        self._params = {n: params[n] for n in piece.state if n in params}
+        self._tensors = {n: tensors[n] for n in piece.state if n not in params}
+        self._inputs = list(inputs)
+        self._outputs = None if outputs is None else list(outputs)
+        if len(self._inputs) != len(piece.inputs):
+            raise InputError(f"stage built with {len(self._inputs)} input layouts for inputs {piece.inputs}")
+        self._order = [n.name for n in self.graph_module.graph.nodes if n.op == "placeholder"]
+
+    def forward(self, *values: Any) -> Any:
+        args = [enter(how, v, self.mesh) for how, v in zip(self._inputs, values, strict=True)]
+        by_name = {**self._tensors, **dict(zip(self.piece.inputs, args, strict=True))}
+        with use_mesh(self.mesh), autocast(self.precision, self.mesh.device_type):
+            if self.scope is not None:  # FSDP2 modules: they read their own parameters
+                out = self.scope(by_name)
+            else:
+                by_name.update(self._params)
+                out = self.graph_module(*(by_name[n] for n in self._order))
+        out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        if self._outputs is None:
+            return out
+        locals_ = tuple(b.leave(v, self.mesh) for b, v in zip(self._outputs, out, strict=True))
+        return locals_[0] if len(locals_) == 1 else locals_
+
+    def code(self) -> str:
+        return self.scope.code() if self.scope is not None else self.graph_module.code
+
+
+class LossTail:
+    """The loss tail of a pipelined plan as the schedule's `loss_fn(output, target)`: the micro-batch's
+    loss numerator (capture/loss_reduction.py) divided by the global batch's denominator, a plain tensor.
+
+    `denominator` is set by each step from the global batch (every rank holds it)."""
+
+    def __init__(
+        self, piece: StageGraph, mesh: DeviceMesh, inputs: Sequence[Boundary], target: Placements, precision: str
+    ) -> None:
+        self.piece, self.mesh, self.inputs, self.target, self.precision = piece, mesh, list(inputs), target, precision
+        self.denominator = 1.0
+
+    def run(self, piece: StageGraph, output: Any, target: torch.Tensor) -> tuple[Any, ...]:
+        """`piece` (the loss, or the model's outputs) on the last stage's local outputs and the target."""
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        args = [b.enter(v, self.mesh) for b, v in zip(self.inputs, outputs, strict=True)]
+        args.append(enter(self.target, target, self.mesh))
+        with use_mesh(self.mesh), autocast(self.precision, self.mesh.device_type):
+            out = piece.graph_module(*args)
+        return tuple(out)
+
+    def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        (loss,) = self.run(self.piece, output, target)
+        if loss.numel() != 1:
+            raise InputError(f"expected a scalar loss, found shape {tuple(loss.shape)}; the model must return the loss")
+        loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
+        return loss / self.denominator
