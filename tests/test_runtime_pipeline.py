@@ -7,7 +7,7 @@ of a parameter two stages share) after 3 SGD steps, rtol = atol = 1e-5. One torc
 gpt-tiny and llama-tiny with pp=2 x dp=2 under GPipe, 1F1B and interleaved 1F1B (4 blocks, 2 virtual
 stages per rank), and pp=2 x tp=2 (Megatron split) under 1F1B; a toy model whose embedding output
 skips two stages (passed through) under interleaved 1F1B; a model returning its logits and last hidden state
-beside the loss, whose forward returns all three (pp=2 x dp=2, interleaved); every case's forward equals
+beside the loss, whose forward returns all three (pp=2 x dp=2, interleaved); gpt-tiny built on meta and materialised from a seed, each pp rank holding its stages' parameters alone; every case's forward equals
 the model's before training, and an output made on the first stage is refused by a forward; pipelining combined with ZeRO 1/2/3 (each
 rank holding its 1/dp shares), per-block selective and full recomputation (on tp too), and bf16-mixed
 (against fp32 within bf16 rounding); and plans made by the solver, one with ZeRO-1 and recomputation; a model with parameters no node reads,
@@ -28,7 +28,7 @@ CASES = (
     "gpt-gpipe", "gpt-1f1b", "gpt-interleaved", "gpt-tp",
     "llama-gpipe", "llama-1f1b", "llama-interleaved", "llama-tp", "skip-interleaved",
     "outputs-interleaved",
-    "gpt-solver-1f1b", "llama-solver-gpipe",
+    "gpt-meta-1f1b", "gpt-solver-1f1b", "llama-solver-gpipe",
     "gpt-zero1", "gpt-zero2-interleaved", "gpt-zero3", "llama-zero2", "llama-zero3-interleaved",
     "gpt-recompute", "llama-recompute-tp-interleaved", "gpt-zero1-recompute", "gpt-bf16-zero1",
     "gpt-solver-zero1-selective", "unused-1f1b", "unused-zero1",

@@ -67,6 +67,8 @@ CASES: dict[str, tuple] = {
     # parameters no node reads (pipeline_plans.UnusedParamsModel): held by stage 0, in the state dict
     "unused-1f1b": ("unused", 4, "1f1b", 1, {"dp": 2}),
     "unused-zero1": ("unused", 4, "1f1b", 1, {"dp": 2}, {"zero_stage": 1}),
+    # built on meta and materialised from seed 0 (runtime/materialize.py): each pp rank keeps its stages' shards
+    "gpt-meta-1f1b": ("gpt-tiny", None, "1f1b", 1, {"dp": 2}),
     # planned by the solver itself (autoshard.plan with pp pinned), not assembled by the test
     "gpt-solver-1f1b": ("gpt-tiny", None, "1f1b", 1, {"dp": 2}),
     "llama-solver-gpipe": ("llama-tiny", None, "gpipe", 1, {"dp": 2}),
@@ -146,11 +148,17 @@ def check(name: str, models: dict) -> dict:
     model, batches, ref = models[(preset, layers)]
     ref_losses, ref_grads, ref_params = ref
     plan = shared_plan(model, batches[0], schedule, virtual, mesh, changes, solver="solver" in name)
-    compiled = autoshard.compile(model, batches[0], plan=plan, optimizer="sgd", lr=LR)
+    if "meta" in name:  # the same model built on meta: make() built the cpu one after torch.manual_seed(0)
+        meta = build(preset, device="meta", **({"n_layer": layers} if layers else {}))
+        compiled = autoshard.compile(meta, batches[0], plan=plan, optimizer="sgd", lr=LR, seed=0)
+        problems = [f"parameter {n} is not one of this rank's stages'" for n in held_elsewhere(compiled, plan)]
+    else:
+        compiled = autoshard.compile(model, batches[0], plan=plan, optimizer="sgd", lr=LR)
+        problems = []
     if plan.training.precision == "bf16-mixed":
         initial = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
         return check_bf16(compiled, batches, ref_losses, ref_params, initial)
-    problems = forward_problems(compiled, model, batches[0])
+    problems += forward_problems(compiled, model, batches[0])
     losses, grads = [], {}
     for step, batch in enumerate(batches):
         losses.append(compiled.train_step(*batch))
@@ -180,6 +188,12 @@ def check(name: str, models: dict) -> dict:
         "max_grad_diff": max(max_diff(g, ref_grads[n]) for n, g in grads.items()),
         "max_param_diff": max(max_diff(p, ref_params[n]) for n, p in params.items()),
     }
+
+
+def held_elsewhere(compiled, plan: Plan) -> list[str]:
+    """The parameters this rank holds that none of its stages reads (a pp rank holds its stages' alone)."""
+    readers = {c for sid in compiled.stage_ids for c in compiled.stage_params[sid]}
+    return sorted(set(compiled.gradients()) | set(compiled._params) - readers)
 
 
 def forward_problems(compiled, model: nn.Module, batch: tuple) -> list[str]:
