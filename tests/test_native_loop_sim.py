@@ -132,18 +132,44 @@ def test_a_top_level_name_that_clashes_with_the_compiled_models_is_refused(fake_
 class DropoutMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.up, self.drop, self.down = nn.Linear(4, 8), nn.Dropout(0.1), nn.Linear(8, 1)
+        self.up, self.drop, self.down = nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.drop(self.up(x))).pow(2).mean()
 
 
-def test_eval_mode_forward_of_a_graph_captured_with_dropout_is_refused(fake_world) -> None:
-    """The graph is captured in training mode: an eval-mode forward would still drop units, so it is
-    refused (naming the dropout); the training-mode forward runs."""
+def test_eval_mode_forward_turns_dropout_off_as_the_model_does(fake_world) -> None:
+    """The graph is captured in training mode; after `.eval()` the compiled forward runs its dropouts as
+    the identity and equals the single-device model's eval forward, and `.train()` turns them on again
+    (dropping half the units changes the loss)."""
+    torch.manual_seed(0)
+    model, x = DropoutMLP(), torch.randn(8, 4)
     with local_mode():
-        sharded = autoshard.compile(DropoutMLP(), (torch.randn(8, 4),), mesh={"dp": 4})
+        sharded = autoshard.compile(model, (x,), mesh={"dp": 4})
+        sharded.eval()
+        got = value(sharded(x))
+        sharded.train()
+        dropped = value(sharded(x))
+    want = model.eval()(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(dropped, want), "the training-mode forward dropped nothing"
+
+
+class BatchNormMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.norm, self.down = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.norm(self.up(x))).pow(2).mean()
+
+
+def test_eval_mode_forward_of_a_graph_captured_with_train_batch_norm_is_refused(fake_world) -> None:
+    """A train-mode BatchNorm normalises by the batch's statistics, eval mode by the running ones: another
+    computation than the captured one, refused in eval mode (naming the BatchNorm); training mode runs."""
+    with local_mode():
+        sharded = autoshard.compile(BatchNormMLP(), (torch.randn(8, 4),), mesh={"dp": 4})
         sharded(torch.randn(8, 4))
         sharded.eval()
-        with pytest.raises(InputError, match="eval mode.*dropout"):
+        with pytest.raises(InputError, match="eval-mode forward.*BatchNorm"):
             sharded(torch.randn(8, 4))

@@ -157,8 +157,9 @@ class GraphIR:
 
     def train_mode_ops(self) -> tuple[str, ...]:
         """The nodes that compute otherwise in `model.eval()`: train-mode BatchNorms and dropouts of
-        nonzero probability. The graph is captured in training mode, so an evaluation-mode forward of
-        a model with any of these would run them as in training (refused: runtime/model.py)."""
+        nonzero probability. The graph is captured in training mode: the runtime turns the dropouts off
+        for an eval-mode forward (passes/codegen.py `evaluating`) and refuses one with train-mode
+        BatchNorms (runtime/model.py)."""
         if self.exported is None:
             return ()
         dropouts = []

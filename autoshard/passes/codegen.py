@@ -63,6 +63,8 @@ __all__ = [
     "as_dtensor",
     "codegen",
     "contiguous_strides",
+    "dropout",
+    "evaluating",
     "grad_to",
     "local_attention",
     "local_chunk",
@@ -79,6 +81,8 @@ _STRIDE_BOUND_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.
 _RESHAPE = torch.ops.aten.reshape.default
 
 _MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("autoshard_mesh", default=None)
+_EVALUATING: contextvars.ContextVar[bool] = contextvars.ContextVar("autoshard_evaluating", default=False)
+_DROPOUT = torch.ops.aten.dropout.default
 
 
 @contextlib.contextmanager
@@ -190,6 +194,26 @@ def as_dtensor(x: torch.Tensor, placements: str) -> DTensor:
     if all(isinstance(p, Replicate) for p in spec):
         return DTensor.from_local(x, mesh, spec, run_check=False)
     return distribute_tensor(x, mesh, spec, src_data_rank=None)  # every rank holds x: slice locally
+
+
+@contextlib.contextmanager
+def evaluating(on: bool = True) -> Iterator[None]:
+    """Run generated code as the model runs in `model.eval()`: its dropouts pass their input through."""
+    token = _EVALUATING.set(on)
+    try:
+        yield
+    finally:
+        _EVALUATING.reset(token)
+
+
+@torch.fx.wrap
+def dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+    """`aten.dropout` in generated code: as captured (training mode), except inside `evaluating()`, where
+    it is the identity, as `nn.Dropout` and `F.dropout(training=self.training)` are in eval mode. The
+    output keeps the input's placement either way (dropout is elementwise)."""
+    if train and not _EVALUATING.get():
+        return _DROPOUT(x, p, train)
+    return x
 
 
 @torch.fx.wrap
@@ -515,6 +539,8 @@ def _rewrite_special_nodes(
             graph.erase_node(node)
         elif node.target is _SDPA:
             node.target = local_attention
+        elif node.target is _DROPOUT:
+            node.target = dropout
         elif node.target in _STRIDE_BOUND_VIEWS and node not in keep_views:
             node.target = _RESHAPE  # same values; no reliance on the eager run's strides
         elif runs_locally_replicated(node):

@@ -52,7 +52,7 @@ from autoshard.capture.loss_reduction import loss_reduction_of
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import Plan, Training
-from autoshard.passes.codegen import as_dtensor, codegen, grad_to, redistribute
+from autoshard.passes.codegen import as_dtensor, codegen, evaluating, grad_to, redistribute
 from autoshard.passes.recompute import block_modes, outline_blocks
 from autoshard.passes.stages import StageGraph, split_stages, whole_program
 from autoshard.runtime.fsdp import (
@@ -222,20 +222,21 @@ class CompiledModel(ShardedModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Forward without gradients on one micro-batch of every replica (the global batch when the plan
         runs one micro-batch), called as the model is; the model's outputs come back whole (unsharded), in
-        its own structure (a ModelOutput, a tuple, a tensor), on every rank. The loss is the batch's.
+        its own structure (a ModelOutput, a tuple, a tensor), on every rank. The loss is the batch's. In
+        eval mode the dropouts are off, as in the model's own eval mode.
 
         Under pipelining the batch runs through the stages in order and the outputs come from the last
         stage (a model output made on an earlier stage is refused); the targets are needed, as for `step`."""
-        if not self.training and (ops := self.ir.train_mode_ops()):
+        if not self.training and (norms := self.ir.train_batch_norms()):
             raise InputError(
-                f"expected a model whose forward is the same in eval mode, found {len(ops)} node(s) that "
-                f"compute otherwise there ({', '.join(ops[:3])}: dropout or BatchNorm, captured in training "
-                "mode); evaluate the single-device model on the exported weights "
+                f"expected a model whose eval-mode forward the runtime can run, found {len(norms)} BatchNorm(s) "
+                f"captured in training mode ({', '.join(norms[:3])}), which normalise by the batch's "
+                "statistics, not the running ones; evaluate the single-device model on the exported weights "
                 "(autoshard.export_checkpoint), or call model.train() for a training-mode forward"
             )
         inputs = self._flat(args, kwargs)
         self._batch.check(inputs, entry="forward", micro_batches=1)
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(not self.training):  # eval mode: dropouts pass their input through
             if isinstance(self.schedule, Pipeline):
                 by_name = dict(zip(self._user_inputs, inputs, strict=True))
                 user = self.schedule.forward([by_name[n] for n in self.split.stages[0].inputs], by_name[self.split.target])
