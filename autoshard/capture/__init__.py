@@ -11,7 +11,7 @@ from torch import nn
 
 from autoshard.capture.build import build_graph_ir
 from autoshard.capture.calls import Call, as_call, find_loss
-from autoshard.capture.loss_reduction import LossReduction, analyse_loss, declared_reduction
+from autoshard.capture.loss_reduction import reduction_at_capture
 from autoshard.capture.export import export_model
 from autoshard.capture.inputs import model_device, normalize_inputs
 from autoshard.hints import checking_module_hints, record_module_names, step_hints
@@ -52,7 +52,7 @@ def capture(
         other = export_model(model, _resized(call, rows))
         return other, find_loss(other).index
 
-    reduction = _reduction(exported, loss.index, batch, loss_reduction, loss_in_graph, export_at)
+    reduction = reduction_at_capture(exported, loss.index, batch, loss_reduction, loss_in_graph, export_at)
     loss = dataclasses.replace(loss, reduction=reduction)
     ir = build_graph_ir(model, exported)  # after the rewrite: the planner prices the graph that runs
     return dataclasses.replace(
@@ -62,22 +62,6 @@ def capture(
         step_hints=step_hints(model),
         loss=loss,
     )
-
-
-def _reduction(
-    exported: Any, index: int | None, batch: int | None, declared: str | None, in_graph: bool, export_at: Any
-) -> LossReduction | None:
-    if not in_graph:
-        if declared is not None:
-            return declared_reduction(declared, None)
-        return LossReduction(
-            kind="unknown",
-            found="computed by loss_fn, outside the graph",
-            splits="autoshard cannot read a loss_fn's reduction",
-            dp_split="autoshard cannot read a loss_fn's reduction",
-        )
-    found = analyse_loss(exported, index, batch_rows=batch, export_at=export_at) if index is not None else None
-    return declared_reduction(declared, found) if declared is not None else found
 
 
 def _batch_size(call: Call) -> int | None:

@@ -44,7 +44,7 @@ from torch.export.graph_signature import InputKind
 
 from autoshard.errors import InputError
 
-__all__ = ["DECLARED", "LossReduction", "analyse_loss", "declared_reduction", "loss_reduction_of"]
+__all__ = ["DECLARED", "LossReduction", "analyse_loss", "declared_reduction", "loss_reduction_of", "reduction_at_capture"]
 
 aten = torch.ops.aten
 DECLARED = ("mean", "sum")
@@ -134,6 +134,25 @@ def loss_reduction_of(ir: Any) -> LossReduction:
             "found one without it: capture the model with autoshard.capture"
         )
     return reduction
+
+
+def reduction_at_capture(
+    exported: Any, index: int | None, batch: int | None, declared: str | None, in_graph: bool, export_at: Any
+) -> LossReduction | None:
+    """The reduction `capture` records: `declared` ("mean"/"sum") where given, else what the graph's loss
+    tail shows (`analyse_loss`, which rewrites the graph to return the numerator); a `loss_fn` outside
+    the graph (`in_graph=False`) is unknown unless declared. None where the model returns no loss."""
+    if not in_graph:
+        if declared is not None:
+            return declared_reduction(declared, None)
+        return LossReduction(
+            kind="unknown",
+            found="computed by loss_fn, outside the graph",
+            splits="autoshard cannot read a loss_fn's reduction",
+            dp_split="autoshard cannot read a loss_fn's reduction",
+        )
+    found = analyse_loss(exported, index, batch_rows=batch, export_at=export_at) if index is not None else None
+    return declared_reduction(declared, found) if declared is not None else found
 
 
 def declared_reduction(value: str, found: LossReduction | None) -> LossReduction:
