@@ -21,7 +21,6 @@ import copy
 import math
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -32,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
 import autoshard  # noqa: E402
 import zoo  # noqa: E402
+from case_runner import run_cases  # noqa: E402
 from autoshard.ir.plan import Plan  # noqa: E402
 from autoshard.runtime.fsdp import full_value  # noqa: E402
-from autoshard.runtime.launch import rank_session  # noqa: E402
 from autoshard.runtime.reference import single_device_run  # noqa: E402
 from native_loop import full_params  # noqa: E402
 from pipeline_plans import max_diff  # noqa: E402
@@ -130,16 +129,7 @@ def check(case: str) -> dict:
 
 
 def main(cases: list[str]) -> None:
-    with rank_session() as session:
-        results = {}
-        for case in cases:
-            start = time.perf_counter()
-            try:
-                results[case] = check(case)
-            except Exception:  # noqa: BLE001 - one case's failure is reported, the others still run
-                results[case] = {"ok": False, "problems": [traceback.format_exc()[-3000:]]}
-            results[case]["seconds"] = round(time.perf_counter() - start, 1)
-        session.result = results
+    run_cases(cases, check)
 
 
 if __name__ == "__main__":

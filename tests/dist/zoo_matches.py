@@ -27,7 +27,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -37,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for the z
 
 import autoshard  # noqa: E402
 import zoo  # noqa: E402
+from case_runner import run_cases  # noqa: E402
 from autoshard.runtime.fsdp import full_value  # noqa: E402
-from autoshard.runtime.launch import rank_session  # noqa: E402
 from autoshard.runtime.reference import SingleDeviceRun, eager_loss, single_device_run  # noqa: E402
 from pipeline_plans import reference_problems  # noqa: E402
 
@@ -127,16 +126,7 @@ def export_problems(directory: Path, model: torch.nn.Module, batch: dict, ref: S
 
 
 def main(cases: list[str]) -> None:
-    with rank_session() as session:
-        results = {}
-        for case in cases:
-            start = time.perf_counter()
-            try:
-                results[case] = check(case)
-            except Exception:  # noqa: BLE001 - one case's failure is reported, the others still run
-                results[case] = {"ok": False, "refused": None, "mesh": None, "problems": [traceback.format_exc()[-3000:]]}
-            results[case]["seconds"] = round(time.perf_counter() - start, 1)
-        session.result = results
+    run_cases(cases, check, refused=None, mesh=None)
 
 
 if __name__ == "__main__":
