@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
@@ -142,7 +141,7 @@ class CompiledModel(ShardedModule):
         self._check_zero_sharing(reads)
         wanted = {c for cs in reads.values() for c in cs} | set(held)
         self._params: dict[str, nn.Parameter] = self._shard_parameters(model, wanted, seed)
-        self._tensors, buffers, persistent = self._state_tensors(model)
+        self._tensors, buffers, self._persistent = self._state_tensors(model)
         # the buffers this rank's stages read (a buffer no stage reads: stage 0's), by the model's name
         targets = {s.arg.name: s.target for s in ir.exported.graph_signature.input_specs if s.kind is InputKind.BUFFER}
         read = {n for sid in self.stage_ids for n in pieces[sid].state}
@@ -194,7 +193,6 @@ class CompiledModel(ShardedModule):
             self._params.update(self.stage_params[sid])
 
         if pipelined:
-            self._pipeline_parameters(pieces, canonical)
             tail_inputs = [boundary(n) for n in self.split.loss.inputs[:-1]]
             self.loss_tail = LossTail(
                 self.split.loss, self.operator_mesh, tail_inputs, layout.of_node(self.split.target), t.precision
@@ -204,6 +202,7 @@ class CompiledModel(ShardedModule):
                 num_micro_batches=t.num_micro_batches, pp_group=self.pp_group,
                 device=torch.device(self.mesh.device_type),
             )  # fmt: skip
+            self._pipeline_parameters(pieces, canonical)
             nodes = {n.name: n for n in self.graph_module.graph.nodes}
             self._micro_shapes = {
                 n: tuple(nodes[n].meta["val"].shape)
@@ -215,7 +214,7 @@ class CompiledModel(ShardedModule):
             self.schedule = Accumulation(self.stages[0], self._loss, self.fsdp, t.zero_stage)
         # last: the model's names must not meet an attribute set after them. Under ZeRO these are FSDP's
         # dp shards, so an optimizer over them keeps its state sharded with them
-        self._adopt(self._names, self._params, self._program_buffers, persistent)
+        self._adopt(self._names, self._params, self._program_buffers, self._persistent)
 
     # ---- running ------------------------------------------------------------------------------------
 
@@ -429,7 +428,6 @@ class CompiledModel(ShardedModule):
                 if isinstance(value, torch.Tensor):
                     value = distribute_tensor(value, self.operator_mesh, self.layout.of_node(name))
                 by_placeholder[name] = value
-        self._persistent = persistent
         return by_placeholder, buffers, persistent
 
     def _pipeline_parameters(self, pieces: Sequence[StageGraph], canonical: Mapping[str, str]) -> None:
@@ -443,18 +441,10 @@ class CompiledModel(ShardedModule):
         self._shared = sorted(c for c, k in readers.items() if len(k) > 1)  # the same list on every rank
         first_reader = {info.name: readers.get(info.name, [0])[0] for info in self.ir.params}
         self._counted = sorted(c for c in self._params if first_reader[c] in self.stage_ids)
-        self._shared_shapes = _shared_shapes(self.pp_group, self._shared, self._params)
-
-
-def _shared_shapes(
-    group: dist.ProcessGroup, shared: Sequence[str], params: Mapping[str, nn.Parameter]
-) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The local gradient shape and dtype of each shared parameter (FSDP's shard under ZeRO), from the pp
-    ranks holding a copy, for the ranks that hold none (they add zeros to the sum)."""
-    mine = {c: (tuple(params[c].to_local().shape), params[c].dtype) for c in shared if c in params}
-    every: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(every, mine, group=group)
-    return {c: v for part in every for c, v in part.items()}
+        # the local gradient shape and dtype of each shared parameter (FSDP's shard under ZeRO), from the
+        # pp ranks that hold a copy, for those that hold none (they add zeros to the sum)
+        mine = {c: (tuple(self._params[c].to_local().shape), self._params[c].dtype) for c in self._shared if c in self._params}
+        self._shared_shapes = {c: v for part in self.schedule.gather(mine) for c, v in part.items()}
 
 
 class _Boundaries:
@@ -472,7 +462,7 @@ class _Boundaries:
             raise InputError(f"value {name} crosses a stage boundary but is not a tensor ({type(val).__name__})")
         produced = self.produced(node) or self.layout.replicated
         spec = tuple(Replicate() if p.is_partial() else p for p in produced)
-        return Boundary(spec, val.shape, val.dtype)
+        return Boundary(spec, val.shape)
 
     def produced(self, node: Node) -> Placements | None:
         """The placement the plan gives the value of `node` (codegen's nodes: the placement they produce,

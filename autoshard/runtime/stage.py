@@ -40,7 +40,6 @@ class Boundary:
 
     spec: Placements
     shape: torch.Size
-    dtype: torch.dtype
 
     def enter(self, local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
         stride = contiguous_strides(self.shape)
