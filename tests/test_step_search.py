@@ -315,3 +315,34 @@ def test_forced_parameter_placements_reach_the_final_plan_of_a_searched_step() -
     for name in ("transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"):
         assert plan.params[name] == "(R, S(0))", plan.params
     assert plan.params["transformer.h.0.mlp.c_proj.weight"] == "(R, S(1))"
+
+
+def test_the_winners_operator_plan_keeps_the_tp_placements_the_search_priced(small_gpt) -> None:
+    # the search prices configurations from replica plans solved on tp alone; the winner's plan on
+    # dp x tp keeps each node's tp placements from it (solver/axis_choices.py), leaving the dp axis to
+    # the ILP. Checked against the replica plan solved here, and against the unrestricted ILP, which a
+    # restriction can never beat
+    from autoshard.solver.axis_choices import AxisChoices
+    from autoshard.solver.planner import plan_on_mesh
+    from autoshard.strategies import MeshSpec
+    from autoshard.strategies.mesh import spec_str
+
+    cluster = Cluster.parse("a100-80g:4")
+    # a replica plan the free ILP on dp x tp would not choose: every weight replicated on tp
+    replica = plan_on_mesh(small_gpt.recapture(8), Cluster.parse("a100-80g:2"), MeshSpec.of({"tp": 2}),
+                           param_placements={"*": (Replicate(),)})
+    keep = AxisChoices.of(replica, "tp")
+    mesh = MeshSpec.of({"dp": 2, "tp": 2})
+    kept = plan_on_mesh(small_gpt, cluster, mesh, dp_params="replicate", keep=keep)
+    free = plan_on_mesh(small_gpt, cluster, mesh, dp_params="replicate")
+    decided = {d.node: d.output for d in replica.nodes}
+
+    def on_tp(plan: Plan) -> dict[str, tuple]:
+        return {d.node: tuple(None if o is None else spec_str((spec_from_str(o)[1],)) for o in d.output)
+                for d in plan.nodes}
+
+    assert on_tp(kept) == decided
+    assert on_tp(free) != decided  # the restriction decided something
+    assert kept.solver.objective_s >= free.solver.objective_s * (1 - 1e-9)
+    with pytest.raises(ValueError, match="single axis"):
+        AxisChoices.of(kept, "tp")

@@ -230,6 +230,35 @@ def test_transition_collectives_and_bytes() -> None:
     assert transition((R, R), (P, R), shape, 2, m) == (CommStep(axis="dp", collective="local", full_bytes=full),)
 
 
+def test_redistribution_plan_does_not_depend_on_the_shape() -> None:
+    """transitions asks DTensor for its plan once per (placements, rank, mesh), on a shape every axis
+    divides: DTensor's greedy planner must choose the same steps at every real shape (uneven ones
+    included), or the planner would price collectives the runtime does not run."""
+    import itertools
+    import random
+
+    from autoshard.strategies import _dtensor
+    from autoshard.strategies.mesh import all_specs
+    from autoshard.strategies.transitions import _greedy_plan
+
+    rng = random.Random(0)
+    checked = 0
+    for sizes in ({"dp": 2, "tp": 4}, {"dp": 2, "sp": 2, "tp": 2}):
+        mesh = MeshSpec.of(sizes)
+        for ndim in (1, 2, 3):
+            specs = tuple(all_specs((8,) * ndim, mesh, partial=True))
+            pairs = [(a, b) for a, b in itertools.product(specs, specs) if a != b]
+            for src, dst in rng.sample(pairs, min(150, len(pairs))):
+                if transition(src, dst, (8,) * ndim, 4, mesh) is None:
+                    continue  # no redistribution exists (S -> P)
+                for shape in ((8,) * ndim, tuple(rng.choice((1, 3, 6, 16, 40)) for _ in range(ndim))):
+                    truth = _dtensor.transform_steps(src, dst, shape, torch.float32, mesh.sizes, mesh.names)
+                    assert _greedy_plan(src, dst, ndim, mesh) == tuple((d, a, b) for d, a, b, _ in truth), (
+                        src, dst, shape)
+                    checked += 1
+    assert checked > 300
+
+
 def test_backward_transition_follows_megatron() -> None:
     m = MeshSpec.of({"tp": 4})
     shape = (8, 64)
@@ -328,3 +357,67 @@ def test_attention_rules_from_aligned_combinations_equal_the_full_product(shapes
     assert full[0] == aligned[0] == 1
     assert set(aligned[1]) == set(full[1])
     assert len(full[1]) >= 6  # replicate, batch, heads, query rows, v features, Partial v: not a vacuous equality
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+_F = torch.ops.aten
+_PATTERN_CASES = {
+    # op, its arguments at a micro-batch b, two b of one pattern of sizes, and whether DTensor has rules
+    # (without, the op runs replicated: that must not change with the size either)
+    "linear-3d": (_F.linear.default, lambda b: (_meta(b, 16, 32), _meta(64, 32), _meta(64)), (2, 3), True),
+    "linear-2d": (_F.linear.default, lambda b: (_meta(b * 16, 24), _meta(48, 24)), (2, 5), True),
+    "linear-square": (_F.linear.default, lambda b: (_meta(b, 16, 32), _meta(b * 16, 32)), (2, 3), True),
+    "attention-batch-equals-heads": (_F.scaled_dot_product_attention.default,  # dimwise: equalities dropped
+                                     lambda b: (_meta(b, 4, 8, 16), _meta(b, 4, 8, 16), _meta(b, 4, 8, 16),
+                                                _meta(b, 1, 8, 8)), (4, 8), True),
+    "attention-cross": (_F.scaled_dot_product_attention.default,
+                        lambda b: (_meta(b, 4, 8, 16), _meta(b, 4, 12, 16), _meta(b, 4, 12, 16),
+                                   _meta(1, 4, 8, 12)), (2, 8), True),
+    "attention-masked": (_F.scaled_dot_product_attention.default,
+                         lambda b: (_meta(b, 4, 8, 16), _meta(b, 4, 8, 16), _meta(b, 4, 8, 16), _meta(b, 1, 8, 8)),
+                         (2, 3), True),
+    "conv2d": (_F.conv2d.default, lambda b: (_meta(b, 3, 8, 8), _meta(5, 3, 3, 3)), (2, 4), True),
+    "cross-entropy": (_F.cross_entropy_loss.default,
+                      lambda b: (_meta(b * 8, 10), _meta(b * 8, dtype=torch.int64)), (2, 3), True),
+    "attention-causal": (_F.scaled_dot_product_attention.default,  # a factory op inside: sdpa_rules' fallback
+                         lambda b: (_meta(b, 4, 8, 16), _meta(b, 4, 8, 16), _meta(b, 4, 8, 16), None, 0.0, True),
+                         (2, 5), True),
+    "batch-norm-train": (_F.batch_norm.default, lambda b: (_meta(b, 8, 6, 6), _meta(8), _meta(8), _meta(8),
+                                                          _meta(8), True, 0.1, 1e-5, False), (2, 4), False),
+    "where-scalar": (_F.where.ScalarOther, lambda b: (_meta(b, 1, 8, 8, dtype=torch.bool), _meta(b, 4, 8, 8), 0.0),
+                     (2, 3), False),
+}
+
+
+@pytest.mark.parametrize("case", list(_PATTERN_CASES))
+def test_composite_rules_are_the_same_at_every_size_of_one_pattern(case) -> None:
+    # the planner derives a composite op's rules once per pattern of sizes (options._size_pattern), so
+    # a new micro-batch size reuses them: DTensor's decomposition must admit the same rules at both sizes
+    from autoshard.strategies import options
+
+    op, make, (small, large), has_rules = _PATTERN_CASES[case]
+    a, b = make(small), make(large)
+    assert options._size_pattern(a, {}, equalities=op not in options._DIMWISE_RULES) == options._size_pattern(
+        b, {}, equalities=op not in options._DIMWISE_RULES)
+    got_a, got_b = options._derive_rules(op, a, {}, None, "decomp"), options._derive_rules(op, b, {}, None, "decomp")
+    if not has_rules:
+        assert got_a is None and got_b is None
+        return
+    assert got_a is not None and got_b is not None and len(got_a[1]) >= 2  # not a vacuous equality
+    assert got_a[0] == got_b[0] and set(got_a[1]) == set(got_b[1])
+
+
+def test_size_pattern_tells_apart_what_changes_a_decomposition() -> None:
+    from autoshard.strategies.options import _size_pattern
+
+    assert _size_pattern((_meta(2, 16, 32),), {}) != _size_pattern((_meta(1, 16, 32),), {})  # size 1
+    assert _size_pattern((_meta(2, 16, 32),), {}) != _size_pattern((_meta(16, 16, 32),), {})  # equal sizes
+    assert _size_pattern((_meta(2, 6), [-1, 6]), {}) != _size_pattern((_meta(2, 8), [-1, 6]), {})  # int = size
+    assert _size_pattern((_meta(5, 7), 1), {}) != _size_pattern((_meta(5, 7), 0), {})  # ints are literal
+    assert _size_pattern((_meta(4, 6).t(),), {}) != _size_pattern((_meta(6, 4),), {})  # stride order
+    assert _size_pattern((_meta(2, 6),), {}) == _size_pattern((_meta(3, 7),), {})
+    assert _size_pattern((_meta(2, 2),), {}, equalities=False) == _size_pattern((_meta(2, 3),), {}, equalities=False)
+    assert _size_pattern((_meta(1, 2),), {}, equalities=False) != _size_pattern((_meta(2, 2),), {}, equalities=False)

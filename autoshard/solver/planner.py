@@ -25,6 +25,7 @@ from autoshard.cost_model import Cluster
 from autoshard.errors import InputError
 from autoshard.ir.graph import GraphIR, NodeInfo, NodeKind, ParamInfo, TensorMeta
 from autoshard.ir.plan import NodeDecision, Plan, PlannedCollective, Prediction, SolverStats, Training
+from autoshard.solver.axis_choices import AxisChoices
 from autoshard.solver.blocks import FoldedEdge, FoldedGraph, fold_blocks, repeated_blocks, unit_of
 from autoshard.solver.followers import Follow, find_followers, resolve
 from autoshard.solver.ilp import solve
@@ -63,17 +64,19 @@ def plan_on_mesh(
     time_limit_s: float = 30.0,
     precision: str = "fp32",
     dp_params: str | None = None,
+    keep: AxisChoices | None = None,
 ) -> Plan:
     """The cheapest plan for `ir` on `mesh` that fits `memory_limit` bytes per device.
 
     `dp_params` pins what parameters do on the dp axis when ZeRO is decided outside the ILP:
     "replicate" (data parallelism, ZeRO 0-2) or "shard" (ZeRO 3: stored split, gathered at use);
-    None leaves it to the ILP."""
+    None leaves it to the ILP. `keep` holds the placements of one axis already decided (the step
+    search's replica plan): each node keeps them where it can (solver/axis_choices.py)."""
     if ir.exported is None:
         raise InputError("this GraphIR has no exported program; capture the model with autoshard.capture")
     with _dtensor.outside_local_tensor_mode():
         return _plan_on_mesh(ir, cluster, mesh, optimizer, memory_limit, param_placements, hints, fold,
-                             time_limit_s, precision, dp_params)
+                             time_limit_s, precision, dp_params, keep)
 
 
 def _plan_on_mesh(
@@ -88,13 +91,14 @@ def _plan_on_mesh(
     time_limit_s: float,
     precision: str,
     dp_params: str | None,
+    keep: AxisChoices | None,
 ) -> Plan:
     start = time.perf_counter()
     limit = float(memory_limit if memory_limit is not None else cluster.hardware.hbm_bytes)
     pricer = Pricer(cluster=cluster, mesh=mesh, optimizer=optimizer, precision=precision)
     fx_nodes = {n.name: n for n in ir.exported.graph.nodes}
     folded = fold_blocks(ir, fold=fold)
-    units = _units(ir, folded, fx_nodes, pricer, mesh, param_placements or {}, hints or {}, dp_params)
+    units = _units(ir, folded, fx_nodes, pricer, mesh, param_placements or {}, hints or {}, dp_params, keep)
     follows = _followers(folded, units, fx_nodes)
     costs = {name: [p.compute_s + o for p, o in zip(u.prices, u.output_costs)] for name, u in units.items()}
     memory = {name: [p.memory_bytes for p in u.prices] for name, u in units.items()}
@@ -164,6 +168,7 @@ def _units(
     param_placements: Mapping[str, Sequence[Placement]],
     hints: Mapping[str, object],
     dp_params: str | None = None,
+    keep: AxisChoices | None = None,
 ) -> dict[str, _Unit]:
     params = {p.name: p for p in ir.params}
     first_node: dict[str, NodeInfo] = {}
@@ -177,6 +182,8 @@ def _units(
         info = first_node[name]
         param = params.get(name)
         options = tuple(node_options(fx_nodes[info.name], mesh))
+        if keep is not None:
+            options = keep.narrow(info.name, options, mesh)
         if param is not None:
             trainable = info.requires_grad
             prices = tuple(pricer.parameter(param.meta, o.output[0], trainable=trainable) for o in options)

@@ -32,6 +32,7 @@ from autoshard.hints import block_hints, hints_in_graph
 from autoshard.ir.graph import GraphIR
 from autoshard.ir.plan import RECOMPUTE, Plan, Prediction, Training
 from autoshard.report.table import format_count
+from autoshard.solver.axis_choices import AxisChoices
 from autoshard.solver.blocks import repeated_blocks
 from autoshard.solver.planner import plan_on_mesh
 from autoshard.solver.problem import NoFeasiblePlan
@@ -427,6 +428,7 @@ def _final_plan(
             time_limit_s=time_limit_s,
             precision=precision,
             dp_params="shard" if best.zero_stage == 3 else "replicate",
+            keep=AxisChoices.of(chains.plans[(best.tp, best.micro_batch_size)], "tp") if best.tp > 1 else None,
         )
     mesh = ({"pp": best.pp} if best.pp > 1 else {}) | operator_axes
     training = Training(

@@ -65,6 +65,7 @@ __all__ = [
     "Row",
     "decomp_rules",
     "device_mesh",
+    "greedy_redistribution",
     "op_strategy_options",
     "single_dim_rules",
     "strategy_kind",
@@ -274,8 +275,14 @@ def decomp_rules(
             per_leaf[i] = p
         try:
             out = decomp._propagate_through_decomp(schema, tuple(per_leaf), mesh)
+        except NotImplementedError:
+            if all(type(p) is Replicate for p in combo):
+                # replicated inputs fail only where an op of the decomposition has no strategy at all
+                # (prims.where; a factory op such as aten.empty inside batch_norm): every placement
+                # traces the same ops, so none can succeed (DTensor gives up on the op here too)
+                return None
+            continue  # an op inside has no strategy for this input, e.g. a factory op
         except (
-            NotImplementedError,  # an op inside has no strategy for this input, e.g. a factory op
             GuardOnDataDependentSymNode,
             RuntimeError,  # the trace needed a redistribution, or a view op rejected the placement
             KeyError,
@@ -389,6 +396,14 @@ def transform_steps(
     meta = TensorMeta(shape=torch.Size(shape), stride=_contiguous_stride(shape), dtype=dtype)
     infos = _gen_transform_infos(DTensorSpec(mesh, src, tensor_meta=meta), DTensorSpec(mesh, dst, tensor_meta=meta))
     return [(i.mesh_dim, *i.src_dst_placements, tuple(int(s) for s in i.logical_shape)) for i in infos]
+
+
+def greedy_redistribution() -> bool:
+    """Whether DTensor plans a redistribution of plain placements greedily (its default), not by the
+    shape-aware min-cost search that `_redistribute._FORCE_MIN_COST_REDISTRIBUTION_PLAN` switches on."""
+    from torch.distributed.tensor import _redistribute
+
+    return not getattr(_redistribute, "_FORCE_MIN_COST_REDISTRIBUTION_PLAN", None)
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -284,31 +284,68 @@ def runs_locally_replicated(node: Node) -> bool:
     return _rules(op, args, kwargs, val, kind) is None
 
 
-# Composite ops whose decomposition, and so whose single-axis rules, depend on the ranks of their
-# inputs and on which dims have size 1, but not on the sizes otherwise: one derivation serves every
-# layer width (a derivation costs ~0.1 s).
-_SIZE_FREE_RULES = frozenset({aten.linear.default})
-
-
 # Composite ops whose rules all have each tensor input Replicate or one common placement
 # (`_dtensor.aligned_combos`): deriving them traces ~100 combinations instead of the ~2400 of the full
 # product (attention with a mask: 4 s a shape, T5 planned 15 shapes).
 _ALIGNED_RULES = frozenset({aten.scaled_dot_product_attention.default})
 
 
+# Composites whose decomposition is matmuls, softmax and elementwise ops, which DTensor shards dim by dim:
+# their rules depend on which sizes are 1 (broadcasts, a squeezed batch of one), not on which sizes are
+# equal, so the key drops the equalities (a tiny model's batch often equals its head count or sequence).
+_DIMWISE_RULES = frozenset({aten.linear.default, aten.scaled_dot_product_attention.default})
+
+
 def _rules(op: Any, args: tuple, kwargs: dict, val: Any, kind: str) -> tuple[int, list] | None:
-    if op in _SIZE_FREE_RULES:
-        # sizes of 1 change the decomposition's views (a batch of one is squeezed), so they stay in the key
-        key = (
-            op,
-            tuple(None if a is None else (a.dtype, tuple(d == 1 for d in a.shape)) for a in args),
-            arg_signature(kwargs),
-        )
+    if kind == "decomp":
+        key = (op, *_size_pattern(args, kwargs, equalities=op not in _DIMWISE_RULES))
     else:
         key = (op, arg_signature(args), arg_signature(kwargs))
     if key not in _RULES:
         _RULES[key] = _derive_rules(op, args, kwargs, val, kind)
     return _RULES[key]
+
+
+def _size_pattern(args: tuple, kwargs: dict, *, equalities: bool = True) -> tuple:
+    """The arguments of a composite op with tensor sizes abstracted to their pattern.
+
+    A decomposition is generic code: traced at other sizes it runs the same ops, and DTensor admits the
+    same placements, as long as the sizes keep their pattern: which are 1, which are equal to each other
+    and to the op's integer arguments (a reshape's target, a dim), and the order of the strides. So the
+    rules derived once serve every micro-batch size and every layer width of that pattern (a derivation
+    costs 0.1-0.5 s: batch_norm and attention trace ~1000 placement combinations). Integer arguments
+    stay literal. Were a decomposition to branch on a size anyway, the price of an option would be off,
+    never a value: the generated code runs DTensor's own dispatch and redistributes from the placement
+    it actually produced. tests/test_strategies.py checks the rules are equal across sizes for the
+    composites of the zoo. `equalities=False` (for `_DIMWISE_RULES`) keeps only which sizes are 1."""
+    classes: dict[int, int] = {}
+
+    def size(n: int) -> object:
+        if n <= 1:
+            return n
+        return ("size", classes.setdefault(n, len(classes))) if equalities else "size"
+
+    def tensor(t: torch.Tensor) -> tuple:
+        strides = tuple(sorted(range(t.ndim), key=lambda d: (-t.stride(d), d)))
+        return ("T", t.dtype, tuple(size(int(n)) for n in t.shape), strides, t.is_contiguous())
+
+    def scalar(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return tensor(x)
+        if isinstance(x, bool) or not isinstance(x, int):
+            return arg_signature(x)
+        return ("int", x, classes.get(x))  # literal, and which size it equals (if any)
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, (list, tuple)):
+            return (type(x).__name__, tuple(walk(e) for e in x))
+        if isinstance(x, dict):
+            return ("dict", tuple((k, walk(v)) for k, v in sorted(x.items())))
+        return scalar(x)
+
+    for t in _dtensor.tensor_args(args, kwargs):  # classes numbered by the tensors first, then ints
+        tensor(t)
+    return walk(args), walk(kwargs)
 
 
 def _derive_rules(op: Any, args: tuple, kwargs: dict, val: Any, kind: str) -> tuple[int, list] | None:

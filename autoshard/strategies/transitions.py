@@ -83,15 +83,18 @@ def _transition(src: Spec, dst: Spec, shape: tuple[int, ...], itemsize: int, mes
         return ()
     if not _possible(src, dst):
         return None
-    # dtype only enters DTensor's plan through its size; bytes are computed here from `itemsize`
-    steps = _dtensor.transform_steps(src, dst, shape, torch.float32, mesh.sizes, mesh.names)
     # Bytes: the buffer whole on the step's axis is the tensor with every OTHER axis's current sharding
     # applied. DTensor's own `logical_shape` applies only the axes before the step's, so a dp collective
     # of a tensor sharded on a later tp axis would be priced tp times too big (measured against the
     # collectives DTensor issues: tests/test_runtime_comm.py).
     current = list(src)
     out = []
-    for dim, a, b, _logical in steps:
+    if _dtensor.greedy_redistribution():
+        plan = _greedy_plan(src, dst, len(shape), mesh)
+    else:  # DTensor's min-cost planner reads the shape
+        plan = tuple((d, a, b) for d, a, b, _ in _dtensor.transform_steps(src, dst, shape, torch.float32,
+                                                                            mesh.sizes, mesh.names))
+    for dim, a, b in plan:
         whole = list(shape)
         for other, p in enumerate(current):
             if other != dim and isinstance(p, Shard):
@@ -99,6 +102,20 @@ def _transition(src: Spec, dst: Spec, shape: tuple[int, ...], itemsize: int, mes
         out.append(CommStep(axis=mesh.names[dim], collective=_kind(a, b), full_bytes=math.prod(whole) * itemsize))
         current[dim] = b
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=16384)
+def _greedy_plan(src: Spec, dst: Spec, ndim: int, mesh: MeshSpec) -> tuple[tuple[int, Placement, Placement], ...]:
+    """DTensor's steps (mesh dim, from, to) for plain placements, which do not depend on the shape.
+
+    For Shard/Replicate/Partial placements DTensor runs its greedy planner
+    (`generate_greedy_transform_infos`), whose choices read only the placements and the mesh; the shape
+    enters just the logical shapes it records, which are not used here (bytes are computed above). So
+    one plan serves every shape of a rank, and is asked for on a shape every axis divides evenly.
+    tests/test_strategies.py checks it against DTensor's plan at the true shape."""
+    even = (math.prod(mesh.sizes),) * ndim
+    steps = _dtensor.transform_steps(src, dst, even, torch.float32, mesh.sizes, mesh.names)
+    return tuple((dim, a, b) for dim, a, b, _logical in steps)
 
 
 def _strided_transition(
