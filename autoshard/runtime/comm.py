@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoshard.cost_model.collectives import Collective, collective_bytes_per_device
 from autoshard.report.table import format_count, format_table
+from autoshard.ir.graph import GraphIR
+from autoshard.ir.plan import PlannedCollective
 from autoshard.runtime.fsdp import zero_collectives
+from autoshard.runtime.grad_sync import bucket_sizes
 
 if TYPE_CHECKING:
     from autoshard.runtime.model import CompiledModel
@@ -244,6 +247,10 @@ def measure_comm(compiled: CompiledModel, *inputs: Any) -> CommReport:
     expected = compiled.plan.collectives
     if compiled.fsdp:  # ZeRO: the parameters' dp traffic is FSDP's
         expected = zero_collectives(compiled.plan, compiled.ir, compiled.fsdp)
+    fsdp_managed = {id(p) for m in compiled.fsdp for p in m.parameters()} - {
+        id(p) for m in compiled.fsdp for p in getattr(m, "fsdp_ignored", ())}
+    settled = [n for n, p in compiled._params.items() if id(p) not in fsdp_managed]
+    expected = bucketed_gradients(expected, compiled.ir, settled, axis_sizes)
     for c in expected:
         key = (c.phase, c.collective, c.axis)
         scalar = c.full_bytes <= SCALAR_BYTES
@@ -266,3 +273,44 @@ def measure_comm(compiled: CompiledModel, *inputs: Any) -> CommReport:
         for k in keys
     )
     return CommReport(rows=rows, issued=tuple(mode.records), loss=loss)
+
+
+def bucketed_gradients(
+    collectives: Sequence[PlannedCollective], ir: GraphIR, order: Sequence[str], axes: Mapping[str, int]
+) -> list[PlannedCollective]:
+    """`collectives` with the parameters' gradient all-reduces as runtime/grad_sync.py issues them after
+    backward: one per parameter and axis (a parameter read twice, GPT's tied wte and lm_head, is priced
+    once per use, but autograd sums its uses and it is reduced once), in buckets of gradients that need
+    the same axes and dtype, filled in the reverse of `order`: the parameters the runtime settles, in
+    its order. FSDP2 reduces the gradients of the parameters it manages itself, one by one."""
+    node_param = {n: info.name for info in ir.params for n in info.nodes}
+    dtypes = {info.name: info.meta.dtype for info in ir.params}
+    needs: dict[str, dict[str, int]] = {}  # parameter -> axis -> bytes of its gradient there
+    out = []
+    settled = set(order)
+    for c in collectives:
+        canonical = node_param.get(c.src)
+        if c.phase == "backward" and c.collective == "all_reduce" and canonical in settled:
+            needs.setdefault(canonical, {})[c.axis] = int(c.full_bytes)
+        else:
+            out.append(c)
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for name in reversed(order):
+        if name in needs:
+            on = tuple(a for a in axes if a in needs[name])
+            groups.setdefault((on, dtypes[name]), []).append(max(needs[name].values()))
+    position = {a: i for i, a in enumerate(axes)}
+    for (on, _dtype), nbytes in groups.items():
+        start = 0
+        for count in bucket_sizes(nbytes):
+            total = sum(nbytes[start:start + count])
+            start += count
+            out += [
+                PlannedCollective(
+                    src="gradient bucket", dst="", phase="backward", axis=axis, collective="all_reduce",
+                    full_bytes=total, seconds=0.0,
+                    bytes_per_device=collective_bytes_per_device(Collective.ALL_REDUCE, total, axes[axis]),
+                )
+                for axis in sorted(on, key=position.__getitem__)
+            ]
+    return out

@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from autoshard.errors import InputError
+from autoshard.runtime.grad_sync import settle_gradients
 from autoshard.ir.plan import Plan
 from autoshard.runtime.faults import StepWatch
 
@@ -199,11 +200,10 @@ class ShardedModule(nn.Module):
         return {n: p.grad for n, p in self._params.items() if p.grad is not None}
 
     def _settle_gradients(self) -> None:
-        """Bring each gradient to its parameter's placement (the dp gradient all-reduce, a local slice
-        where DTensor returned a replicated gradient): the optimizer then updates shards in place."""
-        for p in self._params.values():
-            if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
-                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+        """Bring each gradient to its parameter's placement (the dp gradient all-reduce, bucketed as
+        DDP's: runtime/grad_sync.py; a local slice where DTensor returned a replicated gradient): the
+        optimizer then updates shards in place."""
+        settle_gradients(self._params.values())
 
     def _forward_backward(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
         raise NotImplementedError

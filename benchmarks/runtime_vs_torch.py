@@ -1,0 +1,275 @@
+"""Benchmark: autoshard's generated training step against what a user writes by hand with torch.distributed.
+
+One run of 4 local gloo processes (CPU) trains the project's GPT (4 layers, d=256, 8 heads, vocab 512,
+batch 8 x seq 128, SGD, fp32). Each pair trains two copies of one model on one mesh, the hand-written
+way and autoshard's (`autoshard.compile` with the plan's decisions pinned to the pair's):
+
+| pair        | autoshard                        | by hand                                                   |
+|-------------|----------------------------------|-----------------------------------------------------------|
+| dp          | mesh dp4, ZeRO 0                 | DistributedDataParallel                                    |
+| zero1       | mesh dp4, ZeRO 1                 | FSDP2 `fully_shard` per block + root, no reshard after fwd |
+| zero2       | mesh dp4, ZeRO 2                 | the same (one micro-batch: ZeRO 1 and 2 coincide)          |
+| zero3       | mesh dp4, ZeRO 3                 | FSDP2 `fully_shard` per block + root                       |
+| tp          | mesh tp4 (the solver's plan)     | `parallelize_module`, Colwise/Rowwise (benchmarks/tp_vs_parallelize.py) |
+| recompute   | mesh dp4, ZeRO 0, recompute full | DDP with `torch.utils.checkpoint` around every block       |
+
+The two sides of a pair step alternately (A, B, A, B, ...), so machine noise hits both alike: 3 steps
+checked against one device and warm-up, then 10 timed steps each (a barrier before and after each step,
+so a step is the slowest rank's), then one step each under a dispatch mode that counts collectives and
+their bytes (benchmarks/tp_vs_parallelize.py's `CollectiveCounter`). Reported per pair: the medians, the
+spread (min and max), the ratio autoshard / by hand, collectives and bytes per step, and each side's
+largest loss difference from one device over the checked steps.
+
+4 ranks share this machine's cores, so absolute times are contention times; the ratio is the figure.
+Run on an otherwise idle machine. Writes benchmarks/results/runtime_vs_torch.json.
+
+Usage: python benchmarks/runtime_vs_torch.py [pair ...]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tp_vs_parallelize import CollectiveCounter, parallelize_step  # noqa: E402 - a sibling benchmark
+
+from autoshard.runtime.reference import single_device_losses  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "runtime_vs_torch.json"
+WORLD = 4
+CONFIG = dict(n_layer=4, n_embd=256, n_head=8, vocab_size=512, block_size=128)
+BATCH, SEQ = 8, 128
+LR = 0.1
+CHECKED_STEPS = 3
+TIMED_STEPS = 10
+PAIRS = ("dp", "zero1", "zero2", "zero3", "tp", "recompute")
+
+Step = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def build_model() -> nn.Module:
+    from autoshard.models import build
+
+    torch.manual_seed(0)
+    return build("gpt-small-test", device="cpu", **CONFIG)
+
+
+def make_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    vocab = CONFIG["vocab_size"]
+    return [
+        (torch.randint(0, vocab, (BATCH, SEQ), generator=gen), torch.randint(0, vocab, (BATCH, SEQ), generator=gen))
+        for _ in range(n)
+    ]
+
+
+# ---- autoshard --------------------------------------------------------------------------------------
+
+
+def autoshard_step(model: nn.Module, example: tuple, mesh: dict[str, int], **pinned: Any) -> Step:
+    import autoshard
+
+    ir = autoshard.capture(model, example)
+    plan = autoshard.plan_graph(ir, f"cpu:{WORLD}", mesh=mesh, optimizer="sgd", **pinned)
+    compiled = autoshard.compile(model, example, plan=plan, optimizer="sgd", lr=LR)
+    return compiled.train_step
+
+
+# ---- by hand ----------------------------------------------------------------------------------------
+
+
+def _local(idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of the global batch (equal slices: the mean of the ranks' token means is the
+    global token mean, so the summed-then-averaged gradients are one device's)."""
+    rows = BATCH // WORLD
+    r = dist.get_rank()
+    return idx[r * rows:(r + 1) * rows], targets[r * rows:(r + 1) * rows]
+
+
+def _data_parallel_step(model: nn.Module) -> Step:
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def step(idx: torch.Tensor, targets: torch.Tensor) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = model(*_local(idx, targets))
+        loss.backward()
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)  # the global batch's loss, as autoshard's train_step returns it
+        return mean.item() / WORLD
+
+    return step
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+def ddp_step(model: nn.Module, recompute: bool = False) -> Step:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = copy.deepcopy(model)
+    model.tie_weights()
+    if recompute:
+        for i, block in enumerate(model.transformer.h):
+            model.transformer.h[i] = _Checkpointed(block)
+    return _data_parallel_step(DistributedDataParallel(model))
+
+
+def fsdp_step(model: nn.Module, reshard_after_forward: bool) -> Step:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = copy.deepcopy(model)
+    model.tie_weights()
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("dp",))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return _data_parallel_step(model)
+
+
+def pair_steps(name: str, model: nn.Module, example: tuple) -> tuple[Step, Step, str]:
+    """(autoshard's step, the hand-written step, what the hand-written one is)."""
+    dp = {"dp": WORLD}
+    if name == "dp":
+        return autoshard_step(model, example, dp, zero_stage=0, recompute="none"), ddp_step(model), "DDP"
+    if name in ("zero1", "zero2"):
+        stage = int(name[-1])
+        return (autoshard_step(model, example, dp, zero_stage=stage, recompute="none"),
+                fsdp_step(model, reshard_after_forward=False), "FSDP2, reshard_after_forward=False")
+    if name == "zero3":
+        return (autoshard_step(model, example, dp, zero_stage=3, recompute="none"),
+                fsdp_step(model, reshard_after_forward=True), "FSDP2 per block")
+    if name == "tp":
+        return autoshard_step(model, example, {"tp": WORLD}), parallelize_step(model)[0], "parallelize_module"
+    if name == "recompute":
+        return (autoshard_step(model, example, dp, zero_stage=0, recompute="full"),
+                ddp_step(model, recompute=True), "DDP + checkpoint per block")
+    raise SystemExit(f"unknown pair {name!r}; expected one of {', '.join(PAIRS)}")
+
+
+# ---- one rank --------------------------------------------------------------------------------------
+
+
+def _timed(step: Step, batch: tuple) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    step(*batch)
+    dist.barrier()
+    return time.perf_counter() - t0
+
+
+def _counted(step: Step, batch: tuple) -> CollectiveCounter:
+    counter = CollectiveCounter()
+    with counter:
+        step(*batch)
+    return counter
+
+
+def measure_pair(ours: Step, theirs: Step, batches: list, reference: list[float]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for side, step in (("autoshard", ours), ("by_hand", theirs)):
+        losses = [step(*b) for b in batches[:CHECKED_STEPS]]
+        out[side] = {"losses": losses,
+                     "max_loss_diff_vs_single_device": max(abs(a - b) for a, b in zip(losses, reference, strict=True))}
+    times: dict[str, list[float]] = {"autoshard": [], "by_hand": []}
+    for i in range(TIMED_STEPS):  # interleaved: A, B, A, B, ...
+        batch = batches[CHECKED_STEPS + i]
+        times["autoshard"].append(_timed(ours, batch))
+        times["by_hand"].append(_timed(theirs, batch))
+    for side, step in (("autoshard", ours), ("by_hand", theirs)):
+        counter = _counted(step, batches[-1])
+        out[side].update(
+            step_times_s=times[side],
+            median_step_s=statistics.median(times[side]),
+            collectives_per_step=dict(counter.calls),
+            total_collectives=sum(counter.calls.values()),
+            total_bytes=sum(counter.bytes.values()),
+        )
+    return out
+
+
+def rank_main(pairs: list[str]) -> dict[str, Any]:
+    model = build_model()
+    batches = make_batches(CHECKED_STEPS + TIMED_STEPS + 1)
+    reference = single_device_losses(model, batches[:CHECKED_STEPS], lr=LR)
+    out = {}
+    for name in pairs:
+        ours, theirs, what = pair_steps(name, model, batches[0])
+        out[name] = {"by_hand_is": what, **measure_pair(ours, theirs, batches, reference)}
+    return out
+
+
+# ---- the parent ------------------------------------------------------------------------------------
+
+
+def main(pairs: list[str]) -> None:
+    from autoshard.runtime.launch import run_local
+
+    pairs = pairs or list(PAIRS)
+    for name in pairs:
+        if name not in PAIRS:
+            raise SystemExit(f"unknown pair {name!r}; expected one of {', '.join(PAIRS)}")
+    run = run_local(rank_main, WORLD, pairs, timeout=1800)
+    ranks = run.results
+    rows = {}
+    for name in pairs:
+        r0 = ranks[0][name]
+        row: dict[str, Any] = {"by_hand_is": r0["by_hand_is"]}
+        for side in ("autoshard", "by_hand"):
+            s = r0[side]
+            row[side] = {
+                "median_step_s": s["median_step_s"],
+                "min_step_s": min(s["step_times_s"]),
+                "max_step_s": max(s["step_times_s"]),
+                "median_step_s_per_rank": [r[name][side]["median_step_s"] for r in ranks],
+                "collectives_per_step": s["collectives_per_step"],
+                "total_collectives": s["total_collectives"],
+                "bytes_per_step": s["total_bytes"],
+                "max_loss_diff_vs_single_device": max(r[name][side]["max_loss_diff_vs_single_device"] for r in ranks),
+            }
+        row["time_ratio"] = row["autoshard"]["median_step_s"] / row["by_hand"]["median_step_s"]
+        rows[name] = row
+    print(f"GPT {CONFIG}, batch {BATCH} x seq {SEQ}, SGD, fp32, {WORLD} gloo ranks on CPU")
+    print(f"{TIMED_STEPS} interleaved timed steps per side after {CHECKED_STEPS} checked; run took {run.seconds:.0f} s\n")
+    header = (f"{'pair':10} {'by hand':36} {'autoshard':>10} {'by hand':>10} {'ratio':>6} "
+              f"{'colls a/h':>10} {'MiB a/h':>14} {'loss diff a/h':>20}")
+    print(header)
+    print("-" * len(header))
+    for name, r in rows.items():
+        a, h = r["autoshard"], r["by_hand"]
+        print(f"{name:10} {r['by_hand_is']:36} {a['median_step_s'] * 1e3:7.1f} ms {h['median_step_s'] * 1e3:7.1f} ms "
+              f"{r['time_ratio']:6.2f} {a['total_collectives']:4d}/{h['total_collectives']:<5d} "
+              f"{a['bytes_per_step'] / 2**20:6.2f}/{h['bytes_per_step'] / 2**20:<7.2f} "
+              f"{a['max_loss_diff_vs_single_device']:9.1e}/{h['max_loss_diff_vs_single_device']:<9.1e}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    merged = {**previous.get("pairs", {}), **rows}  # a run of some pairs keeps the others' last figures
+    RESULTS.write_text(json.dumps({
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "config": {**CONFIG, "batch": BATCH, "seq": SEQ, "world": WORLD, "timed_steps": TIMED_STEPS},
+        "pairs": merged,
+    }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
