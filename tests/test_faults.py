@@ -36,3 +36,30 @@ def test_errors_that_are_not_a_collectives_pass_through() -> None:
     failure = watch.explain(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
     assert isinstance(failure, CollectiveFailure) and isinstance(failure, AutoshardError)
     assert str(failure).startswith("rank 0: step 1 (its call 1 of model.step) failed in a collective")
+
+
+def _check_batches(differ: bool) -> str:
+    import torch
+    import torch.distributed as dist
+
+    from autoshard.errors import InputError
+    from autoshard.runtime.stage import check_same_batch
+
+    offset = dist.get_rank() if differ else 0
+    batch = [torch.arange(12).view(3, 4) + offset, torch.ones(3, 4) * 0.5, 7]
+    try:
+        check_same_batch(batch)
+    except InputError as exc:
+        return str(exc)
+    return "ok"
+
+
+@pytest.mark.parametrize("differ", [False, True], ids=["same", "differ"])
+def test_ranks_passing_different_batches_are_refused(differ: bool) -> None:
+    # every rank cuts its rows from its own copy of the global batch (no scatter), so copies that differ
+    # would train on a batch no rank holds: the first step checks they are equal
+    results = run_local(_check_batches, 2, differ, timeout=120).results
+    if differ:
+        assert all("expected the same global batch on every rank" in r for r in results), results
+    else:
+        assert results == ["ok", "ok"]

@@ -33,8 +33,11 @@ def test_issued_collectives_equal_the_plan(fake_world, model_name, mesh) -> None
     with local_mode():
         compiled = compile(model, inputs, plan=plan, optimizer="sgd", lr=0.1)
         report = compiled.comm_report(*inputs)
+        # from the second step on the buckets are reduced during backward (grad_sync.OverlappedSync)
+        overlapped = compiled.comm_report(*inputs)
     print(report.table())
     assert report.matches_beyond_scalars, report.table()
+    assert overlapped.matches_beyond_scalars, overlapped.table()
     assert report.unplanned_scalars <= 1, report.table()
     # the parameters' gradients are reduced in buckets (runtime/grad_sync.py), not one by one: here each
     # set of axes the gradients are partial over fits one bucket, so over dp the step issues the plan's
@@ -119,3 +122,13 @@ def test_meta_llama_and_moe_materialise_as_their_seeded_cpu_builds(fake_world, n
         state = {k: value(v) for k, v in compiled.full_state_dict().items()}
     for key, want in reference.state_dict().items():
         assert torch.equal(state[key], want), key
+
+
+def test_gradient_buckets_fill_as_ddps() -> None:
+    from autoshard.runtime.grad_sync import bucket_sizes
+
+    mib = 2**20
+    assert bucket_sizes([]) == []
+    assert bucket_sizes([mib // 2] * 3) == [2, 1]  # the first bucket holds 1 MiB, as DDP's
+    assert bucket_sizes([10 * mib] * 6) == [1, 2, 2, 1]  # then 25 MiB; a larger tensor is its own
+    assert bucket_sizes([30 * mib, mib]) == [1, 1]

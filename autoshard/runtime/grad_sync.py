@@ -16,6 +16,7 @@ gradients first), so `gradient_buckets` on the plan side (runtime/comm.py) predi
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -23,9 +24,10 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from autoshard.passes.codegen import contiguous_strides
 
-__all__ = ["BUCKET_BYTES", "bucket_sizes", "settle_gradients"]
+__all__ = ["BUCKET_BYTES", "FIRST_BUCKET_BYTES", "Bucket", "OverlappedSync", "bucket_sizes", "buckets_of", "settle_gradients"]
 
-BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
+BUCKET_BYTES = 25 * 2**20  # DDP's bucket_cap_mb
+FIRST_BUCKET_BYTES = 2**20  # DDP's first bucket: the last layers' gradients start reducing early
 
 
 def _summed_axes(grad: DTensor, placements: Sequence[object]) -> tuple[int, ...] | None:
@@ -40,13 +42,14 @@ def _summed_axes(grad: DTensor, placements: Sequence[object]) -> tuple[int, ...]
     return tuple(axes)
 
 
-def bucket_sizes(nbytes: Sequence[int], cap: int = BUCKET_BYTES) -> list[int]:
-    """How many consecutive tensors of these byte sizes each bucket takes (a tensor larger than `cap`
-    is a bucket of its own)."""
+def bucket_sizes(nbytes: Sequence[int], cap: int = BUCKET_BYTES, first: int = FIRST_BUCKET_BYTES) -> list[int]:
+    """How many consecutive tensors of these byte sizes each bucket takes: up to `first` bytes in the
+    first, `cap` in the others (a tensor larger than that is a bucket of its own)."""
     counts: list[int] = []
-    filled = cap
+    filled = 0
     for n in nbytes:
-        if filled + n > cap or not counts:
+        limit = first if len(counts) == 1 else cap
+        if not counts or filled + n > limit:
             counts.append(0)
             filled = 0
         counts[-1] += 1
@@ -54,34 +57,121 @@ def bucket_sizes(nbytes: Sequence[int], cap: int = BUCKET_BYTES) -> list[int]:
     return counts
 
 
-def settle_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Bring every parameter's gradient to the parameter's placement (collective: every rank calls it)."""
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """Gradients reduced together: over `axes` of `mesh`, each arriving in `placements`."""
+
+    members: tuple[torch.nn.Parameter, ...]
+    placements: tuple[tuple[object, ...], ...]
+    mesh: object
+    axes: tuple[int, ...]
+
+
+def buckets_of(params: Iterable[torch.nn.Parameter]) -> tuple[list[Bucket], list[torch.nn.Parameter]]:
+    """The buckets the current gradients form (reverse parameter order), and the parameters whose
+    gradient needs another change of placement (DTensor's redistribute)."""
     groups: dict[tuple[object, ...], list[torch.nn.Parameter]] = {}
+    rest = []
     for p in reversed(list(params)):
         g = p.grad
         if not isinstance(g, DTensor) or tuple(g.placements) == tuple(p.placements):
             continue
         axes = _summed_axes(g, p.placements)
         if axes is None:
-            p.grad = g.redistribute(p.device_mesh, p.placements)
+            rest.append(p)
             continue
         groups.setdefault((g.device_mesh, axes, g.dtype), []).append(p)
+    out = []
     for (mesh, axes, _dtype), members in groups.items():
         start = 0
         for count in bucket_sizes([p.grad.to_local().numel() * p.grad.element_size() for p in members]):
-            _all_reduce(members[start:start + count], mesh, axes)
+            chosen = tuple(members[start:start + count])
+            out.append(Bucket(chosen, tuple(tuple(p.grad.placements) for p in chosen), mesh, axes))
             start += count
+    return out, rest
 
 
-def _all_reduce(members: Sequence[torch.nn.Parameter], mesh: object, axes: tuple[int, ...]) -> None:
-    grads = [p.grad for p in members]
-    locals_ = [g.to_local() for g in grads]
-    flat = torch.cat([t.reshape(-1) for t in locals_]) if len(locals_) > 1 else locals_[0].reshape(-1).clone()
-    for axis in axes:
-        flat = funcol.wait_tensor(funcol.all_reduce(flat, "sum", (mesh, axis)))
+def settle_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Bring every parameter's gradient to the parameter's placement (collective: every rank calls it)."""
+    buckets, rest = buckets_of(params)
+    for p in rest:
+        p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+    for b in buckets:
+        _write_back(b, _reduce(b, _flatten(b)))
+
+
+class OverlappedSync:
+    """Buckets all-reduced during the step's last backward, as soon as their gradients are in (DDP's
+    overlap of communication with the rest of backward), then written back by `settle`.
+
+    The buckets are the first step's (`buckets_of`, settled without overlap). In later steps a hook on
+    each member launches its bucket's first all-reduce when the last member's gradient has been
+    accumulated, in the backward `arm` announced; a bucket whose gradients arrive in other placements
+    than the first step's, or whose launch did not happen, is settled as `settle_gradients` does. The
+    values are the same sums either way."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        self.buckets: list[Bucket] | None = None
+        self._index: dict[int, int] = {}
+        self._missing: list[int] = []
+        self._launched: dict[int, torch.Tensor] = {}
+        self._armed = False
+        for p in self.params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._accumulated)
+
+    def arm(self) -> None:
+        """The next backward is the step's last: its gradients are final once accumulated."""
+        if self.buckets is not None:
+            self._armed = True
+            self._missing = [len(b.members) for b in self.buckets]
+            self._launched = {}
+
+    def _accumulated(self, p: torch.nn.Parameter) -> None:
+        if not self._armed or id(p) not in self._index:
+            return
+        i = self._index[id(p)]
+        self._missing[i] -= 1
+        if self._missing[i] == 0:
+            b = self.buckets[i]
+            if all(isinstance(m.grad, DTensor) and tuple(m.grad.placements) == pl
+                   for m, pl in zip(b.members, b.placements)):
+                self._launched[i] = funcol.all_reduce(_flatten(b), "sum", (b.mesh, b.axes[0]))
+
+    def settle(self) -> None:
+        armed, self._armed = self._armed, False
+        if self.buckets is None or not armed:
+            if self.buckets is None:
+                self.buckets, _ = buckets_of(self.params)
+                self._index = {id(m): i for i, b in enumerate(self.buckets) for m in b.members}
+            settle_gradients(self.params)
+            return
+        for i, b in enumerate(self.buckets):
+            if i in self._launched:
+                flat = funcol.wait_tensor(self._launched[i])
+                _write_back(b, _reduce(b, flat, first_done=True))
+        self._launched = {}
+        settle_gradients(self.params)  # what the hooks did not settle (nothing, in the common case)
+
+
+def _flatten(b: Bucket) -> torch.Tensor:
+    locals_ = [m.grad.to_local() for m in b.members]
+    return torch.cat([t.reshape(-1) for t in locals_]) if len(locals_) > 1 else locals_[0].reshape(-1).clone()
+
+
+def _reduce(b: Bucket, flat: torch.Tensor, *, first_done: bool = False) -> torch.Tensor:
+    for axis in b.axes[1:] if first_done else b.axes:
+        flat = funcol.wait_tensor(funcol.all_reduce(flat, "sum", (b.mesh, axis)))
+    return flat
+
+
+def _write_back(b: Bucket, flat: torch.Tensor) -> None:
     offset = 0
-    for p, g, t in zip(members, grads, locals_, strict=True):
-        piece = flat[offset:offset + t.numel()].view(t.shape)
-        offset += t.numel()
-        p.grad = DTensor.from_local(piece, mesh, p.placements, run_check=False, shape=g.shape,
+    for p in b.members:
+        g = p.grad
+        n = g.to_local().numel()
+        piece = flat[offset:offset + n].view(g.to_local().shape)
+        offset += n
+        p.grad = DTensor.from_local(piece, b.mesh, p.placements, run_check=False, shape=g.shape,
                                     stride=contiguous_strides(g.shape))

@@ -64,6 +64,8 @@ from autoshard.runtime.fsdp import (
 )
 from autoshard.runtime.layout import Layout, Placements
 from autoshard.runtime.materialize import materialize_shards
+from autoshard.runtime.grad_sync import OverlappedSync
+from autoshard.runtime.stage import check_same_batch
 from autoshard.runtime.micro_batches import BatchLayout, split_micro_batches
 from autoshard.runtime.precision import autocast
 from autoshard.runtime.module import ShardedModule, build_mesh, optimizer_factory, owned_copy, submesh
@@ -152,6 +154,7 @@ class CompiledModel(ShardedModule):
             i for i, o in enumerate(ir.exported.graph_signature.output_specs) if o.kind is OutputKind.USER_OUTPUT
         ]
         self._user_inputs = [s.arg.name for s in ir.exported.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
+        self._batch_checked = False  # the first call checks every rank passes the same batch
         self._batch = BatchLayout.of(ir, plan)  # which inputs carry the batch, and the rows the plan runs
         self._reduction = loss_reduction_of(ir)
         self._make_builtin = optimizer_factory(optimizer, lr, **optimizer_kwargs)
@@ -211,7 +214,10 @@ class CompiledModel(ShardedModule):
             }
         else:
             self._shared, self._counted = [], sorted(self._params)
-            self.schedule = Accumulation(self.stages[0], self._loss, self.fsdp, t.zero_stage)
+            managed = {id(p) for m in self.fsdp for p in m.parameters()} - {
+                id(p) for m in self.fsdp for p in getattr(m, "fsdp_ignored", ())}
+            self._grad_sync = OverlappedSync([p for p in self._params.values() if id(p) not in managed])
+            self.schedule = Accumulation(self.stages[0], self._loss, self.fsdp, t.zero_stage, self._grad_sync)
         # last: the model's names must not meet an attribute set after them. Under ZeRO these are FSDP's
         # dp shards, so an optimizer over them keeps its state sharded with them
         self._adopt(self._names, self._params, self._program_buffers, self._persistent)
@@ -290,6 +296,9 @@ class CompiledModel(ShardedModule):
                 f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), found {len(inputs)}; "
                 "pass the same arguments as the example inputs given to autoshard.compile"
             )
+        if not self._batch_checked:
+            check_same_batch(inputs)  # each rank then takes its rows of its own copy, no scatter
+            self._batch_checked = True
         return inputs
 
     def _loss_index(self) -> int | None:

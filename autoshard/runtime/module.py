@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from autoshard.errors import InputError
-from autoshard.runtime.grad_sync import settle_gradients
+from autoshard.runtime.grad_sync import OverlappedSync, settle_gradients
 from autoshard.ir.plan import Plan
 from autoshard.runtime.faults import StepWatch
 
@@ -76,6 +76,7 @@ class ShardedModule(nn.Module):
         self._watch: StepWatch | None = None  # built on the first step, once the process group exists
         _watch_optimizers()
         self._make_builtin: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+        self._grad_sync: OverlappedSync | None = None  # set by a runtime that overlaps the dp reduction
 
     # ---- the model's names ------------------------------------------------------------------------------
 
@@ -202,8 +203,12 @@ class ShardedModule(nn.Module):
     def _settle_gradients(self) -> None:
         """Bring each gradient to its parameter's placement (the dp gradient all-reduce, bucketed as
         DDP's: runtime/grad_sync.py; a local slice where DTensor returned a replicated gradient): the
-        optimizer then updates shards in place."""
-        settle_gradients(self._params.values())
+        optimizer then updates shards in place. A plan without pipelining overlaps the buckets' reduction
+        with its last backward (`OverlappedSync`)."""
+        if self._grad_sync is not None:
+            self._grad_sync.settle()
+        else:
+            settle_gradients(self._params.values())
 
     def _forward_backward(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
         raise NotImplementedError

@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor
 from autoshard.errors import InputError
 from autoshard.passes.stages import StageSplit
 from autoshard.runtime.fsdp import before_micro_batch
+from autoshard.runtime.grad_sync import OverlappedSync
 from autoshard.runtime.module import as_float
 from autoshard.runtime.stage import LossTail, Stage
 
@@ -62,8 +63,10 @@ class Accumulation:
         loss_of: Callable[[Sequence[Any]], Any],
         fsdp: Sequence[FSDPModule],
         zero_stage: int,
+        sync: OverlappedSync | None = None,
     ) -> None:
         self.stage, self.loss_of, self.fsdp, self.zero_stage = stage, loss_of, list(fsdp), zero_stage
+        self.sync = sync  # told before the last backward, so the gradient buckets start reducing in it
 
     def step(self, chunks: Sequence[Sequence[Any]], denominator: float, phase: Phase = no_phase) -> float:
         """Forward and backward of each micro-batch in `chunks`; each loss is a numerator over the global
@@ -80,6 +83,8 @@ class Accumulation:
                     "pass loss_fn=... to autoshard.compile, or return the loss from the model"
                 )
             loss = loss / denominator if denominator != 1 else loss
+            if self.sync is not None and k == len(chunks) - 1:
+                self.sync.arm()
             with phase("backward"):
                 loss.backward()
             value = loss.full_tensor() if isinstance(loss, DTensor) else loss

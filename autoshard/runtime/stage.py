@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -60,7 +61,39 @@ def enter(how: Boundary | Placements, value: Any, mesh: DeviceMesh) -> Any:
         return how.enter(value, mesh)
     if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
         return value
-    return distribute_tensor(value, mesh, how)
+    # every rank holds the same global batch (check_same_batch): each takes its own piece, no scatter
+    return distribute_tensor(value, mesh, how, src_data_rank=None)
+
+
+def check_same_batch(inputs: Sequence[Any]) -> None:
+    """Refuse a batch that differs between ranks (collective over the default group; run once).
+
+    The runtime's contract is that every rank passes the same global batch: each rank cuts its own rows
+    from its copy, and the loss's denominator (the count of real labels) is computed from it without a
+    collective. Per-rank batches (a DistributedSampler's) would train on a batch no rank holds."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    sums = [_checksum(x) for x in inputs if isinstance(x, torch.Tensor) and not isinstance(x, DTensor)]
+    if not sums:
+        return
+    mine = torch.stack(sums)
+    high, low = mine.clone(), -mine
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MAX)
+    if not torch.equal(high, -low):
+        raise InputError(
+            "expected the same global batch on every rank, found ranks passing different inputs; autoshard "
+            "splits the global batch itself (over dp, micro-batches and stages): give every rank the whole "
+            "batch (no DistributedSampler), e.g. the same seed for the data order on every rank"
+        )
+
+
+def _checksum(x: torch.Tensor) -> torch.Tensor:
+    """An order-sensitive sum of `x`'s values and its shape, in float64 (equal tensors: equal sums)."""
+    flat = torch.nan_to_num(x.detach().reshape(-1).to(torch.float64).cpu(), nan=0.5, posinf=1e300, neginf=-1e300)
+    weights = torch.arange(flat.numel(), dtype=torch.float64) % 1009 + 1
+    shape = sum((i + 1) * 7919.0 * n for i, n in enumerate(x.shape))
+    return (flat * weights).sum() + shape
 
 
 class Stage(nn.Module):
