@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import math
+import os
+
 import pytest
 import torch.distributed as dist
 
 FAKE_WORLD = 4
+
+# No test may depend on how fast the machine is: the solver runs to optimality (no wall-clock limit)
+# unless a test passes its own, here and in the ranks the tests start (they inherit the environment).
+os.environ["AUTOSHARD_TIME_LIMIT_S"] = "inf"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from autoshard.solver import ilp
+
+    ilp.DEFAULT_TIME_LIMIT_S = math.inf
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def search_step(
     precision: str,
     fixed: Fixed,
     param_placements: Mapping[str, Sequence[Placement]] | None = None,
-    time_limit_s: float = 30.0,
+    time_limit_s: float | None = None,
     progress: bool | Callable[[str], None] = False,
 ) -> Plan:
     """The fastest configuration of the whole step that fits (see the module docstring)."""
@@ -410,7 +410,7 @@ def _final_plan(
     precision: str,
     limit: float,
     blocks: tuple[str, ...],
-    time_limit_s: float,
+    time_limit_s: float | None,
     modes: tuple[str, ...],
 ) -> Plan:
     operator_axes = {k: v for k, v in (("dp", best.dp), ("tp", best.tp)) if v > 1} or {"dp": 1}
