@@ -148,23 +148,46 @@ def fsdp_step(model: nn.Module, reshard_after_forward: bool) -> Step:
 
 
 def pair_steps(name: str, model: nn.Module, example: tuple) -> tuple[Step, Step, str]:
-    """(autoshard's step, the hand-written step, what the hand-written one is)."""
+    """(autoshard's step, the hand-written step, what the hand-written one is); each side's set-up time
+    (autoshard: capture, plan, compile) in `SETUP_S`."""
+    t0 = time.perf_counter()
+    ours, theirs, what = _pair_steps(name, model, example)
+    SETUP_S[name]["total"] = time.perf_counter() - t0
+    return ours, theirs, what
+
+
+SETUP_S: dict[str, dict[str, float]] = {}
+
+
+def _timed_setup(name: str, side: str, make: Callable[[], Step]) -> Step:
+    dist.barrier()
+    t0 = time.perf_counter()
+    step = make()
+    dist.barrier()
+    SETUP_S.setdefault(name, {})[side] = time.perf_counter() - t0
+    return step
+
+
+def _pair_steps(name: str, model: nn.Module, example: tuple) -> tuple[Step, Step, str]:
     dp = {"dp": WORLD}
-    if name == "dp":
-        return autoshard_step(model, example, dp, zero_stage=0, recompute="none"), ddp_step(model), "DDP"
-    if name in ("zero1", "zero2"):
-        stage = int(name[-1])
-        return (autoshard_step(model, example, dp, zero_stage=stage, recompute="none"),
-                fsdp_step(model, reshard_after_forward=False), "FSDP2, reshard_after_forward=False")
-    if name == "zero3":
-        return (autoshard_step(model, example, dp, zero_stage=3, recompute="none"),
-                fsdp_step(model, reshard_after_forward=True), "FSDP2 per block")
-    if name == "tp":
-        return autoshard_step(model, example, {"tp": WORLD}), parallelize_step(model)[0], "parallelize_module"
-    if name == "recompute":
-        return (autoshard_step(model, example, dp, zero_stage=0, recompute="full"),
-                ddp_step(model, recompute=True), "DDP + checkpoint per block")
-    raise SystemExit(f"unknown pair {name!r}; expected one of {', '.join(PAIRS)}")
+    sides: dict[str, tuple[Callable[[], Step], Callable[[], Step], str]] = {
+        "dp": (lambda: autoshard_step(model, example, dp, zero_stage=0, recompute="none"),
+               lambda: ddp_step(model), "DDP"),
+        "zero1": (lambda: autoshard_step(model, example, dp, zero_stage=1, recompute="none"),
+                  lambda: fsdp_step(model, reshard_after_forward=False), "FSDP2, reshard_after_forward=False"),
+        "zero2": (lambda: autoshard_step(model, example, dp, zero_stage=2, recompute="none"),
+                  lambda: fsdp_step(model, reshard_after_forward=False), "FSDP2, reshard_after_forward=False"),
+        "zero3": (lambda: autoshard_step(model, example, dp, zero_stage=3, recompute="none"),
+                  lambda: fsdp_step(model, reshard_after_forward=True), "FSDP2 per block"),
+        "tp": (lambda: autoshard_step(model, example, {"tp": WORLD}),
+               lambda: parallelize_step(model)[0], "parallelize_module"),
+        "recompute": (lambda: autoshard_step(model, example, dp, zero_stage=0, recompute="full"),
+                      lambda: ddp_step(model, recompute=True), "DDP + checkpoint per block"),
+    }
+    if name not in sides:
+        raise SystemExit(f"unknown pair {name!r}; expected one of {', '.join(PAIRS)}")
+    ours, theirs, what = sides[name]
+    return _timed_setup(name, "autoshard", ours), _timed_setup(name, "by_hand", theirs), what
 
 
 # ---- one rank --------------------------------------------------------------------------------------
@@ -215,7 +238,8 @@ def rank_main(pairs: list[str]) -> dict[str, Any]:
     out = {}
     for name in pairs:
         ours, theirs, what = pair_steps(name, model, batches[0])
-        out[name] = {"by_hand_is": what, **measure_pair(ours, theirs, batches, reference)}
+        out[name] = {"by_hand_is": what, "setup_s": dict(SETUP_S[name]),
+                     **measure_pair(ours, theirs, batches, reference)}
     return out
 
 
@@ -234,7 +258,7 @@ def main(pairs: list[str]) -> None:
     rows = {}
     for name in pairs:
         r0 = ranks[0][name]
-        row: dict[str, Any] = {"by_hand_is": r0["by_hand_is"]}
+        row: dict[str, Any] = {"by_hand_is": r0["by_hand_is"], "setup_s": r0["setup_s"]}
         for side in ("autoshard", "by_hand"):
             s = r0[side]
             row[side] = {
@@ -261,6 +285,10 @@ def main(pairs: list[str]) -> None:
               f"{r['time_ratio']:6.2f} {a['total_collectives']:4d}/{h['total_collectives']:<5d} "
               f"{a['bytes_per_step'] / 2**20:6.2f}/{h['bytes_per_step'] / 2**20:<7.2f} "
               f"{a['max_loss_diff_vs_single_device']:9.1e}/{h['max_loss_diff_vs_single_device']:<9.1e}")
+    print()
+    for name, r in rows.items():
+        print(f"{name:10} set-up (capture + plan + compile): autoshard {r['setup_s']['autoshard']:.2f} s, "
+              f"by hand {r['setup_s']['by_hand']:.2f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     merged = {**previous.get("pairs", {}), **rows}  # a run of some pairs keeps the others' last figures
