@@ -12,6 +12,7 @@ way and autoshard's (`autoshard.compile` with the plan's decisions pinned to the
 | zero3       | mesh dp4, ZeRO 3                 | FSDP2 `fully_shard` per block + root                       |
 | tp          | mesh tp4 (the solver's plan)     | `parallelize_module`, Colwise/Rowwise (benchmarks/tp_vs_parallelize.py) |
 | recompute   | mesh dp4, ZeRO 0, recompute full | DDP with `torch.utils.checkpoint` around every block       |
+| pp          | mesh pp2 x dp2, 1F1B, 4 micro-batches | `torch.distributed.pipelining` 1F1B, each stage a DDP module, tied embedding/head summed over pp |
 
 The two sides of a pair step alternately (A, B, A, B, ...), so machine noise hits both alike: 3 steps
 checked against one device and warm-up, then 10 timed steps each (a barrier before and after each step,
@@ -53,7 +54,8 @@ BATCH, SEQ = 8, 128
 LR = 0.1
 CHECKED_STEPS = 3
 TIMED_STEPS = 10
-PAIRS = ("dp", "zero1", "zero2", "zero3", "tp", "recompute")
+PAIRS = ("dp", "zero1", "zero2", "zero3", "tp", "recompute", "pp")
+PP_MICRO_BATCH = 1  # pp2 x dp2: 4 sequences per replica, 4 micro-batches
 
 Step = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -168,6 +170,78 @@ def _timed_setup(name: str, side: str, make: Callable[[], Step]) -> Step:
     return step
 
 
+class _FirstStage(nn.Module):
+    """Embeddings and the first half of the blocks (what a user splits off by hand for stage 0)."""
+
+    def __init__(self, gpt: nn.Module, blocks: int) -> None:
+        super().__init__()
+        self.wte, self.wpe = gpt.transformer.wte, gpt.transformer.wpe
+        self.h = nn.ModuleList(gpt.transformer.h[:blocks])
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.h:
+            x = block(x)
+        return x
+
+
+class _LastStage(nn.Module):
+    """The other blocks, the final norm and the head, its weight a copy of the token embedding's (the
+    tied pair's gradients are summed over pp after each step, as Megatron does)."""
+
+    def __init__(self, gpt: nn.Module, blocks: int) -> None:
+        super().__init__()
+        self.h = nn.ModuleList(gpt.transformer.h[blocks:])
+        self.ln_f = gpt.transformer.ln_f
+        self.head = nn.Parameter(gpt.transformer.wte.weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.h:
+            x = block(x)
+        return torch.nn.functional.linear(self.ln_f(x), self.head)
+
+
+def pipeline_step(model: nn.Module, micro_batches: int) -> Step:
+    """pp2 x dp2, 1F1B with torch.distributed.pipelining: each stage a DDP module over its dp group."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.nn.parallel import DistributedDataParallel
+
+    mesh = init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("pp", "dp"))
+    pp, dp = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
+    gpt = copy.deepcopy(model)
+    gpt.tie_weights()
+    half = len(gpt.transformer.h) // 2
+    module = _FirstStage(gpt, half) if pp == 0 else _LastStage(gpt, half)
+    wrapped = DistributedDataParallel(module, process_group=mesh.get_group("dp"))
+    stage = PipelineStage(wrapped, pp, 2, torch.device("cpu"), group=mesh.get_group("pp"))
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    schedule = Schedule1F1B(stage, micro_batches, loss_fn=loss_fn)  # scale_grads: the mean of the means
+    opt = torch.optim.SGD(module.parameters(), lr=LR)
+    tied = module.wte.weight if pp == 0 else module.head
+    rows = BATCH // (WORLD // 2)
+
+    def step(idx: torch.Tensor, targets: torch.Tensor) -> float:
+        opt.zero_grad(set_to_none=True)
+        idx, targets = idx[dp * rows:(dp + 1) * rows], targets[dp * rows:(dp + 1) * rows]
+        losses: list[torch.Tensor] = []
+        if pp == 0:
+            schedule.step(idx)
+        else:
+            schedule.step(target=targets, losses=losses)
+        dist.all_reduce(tied.grad, group=mesh.get_group("pp"))  # the tied embedding and head
+        opt.step()
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        dist.all_reduce(loss)  # the last stage's replicas hold the losses
+        return loss.item() / (WORLD // 2)
+
+    return step
+
+
 def _pair_steps(name: str, model: nn.Module, example: tuple) -> tuple[Step, Step, str]:
     dp = {"dp": WORLD}
     sides: dict[str, tuple[Callable[[], Step], Callable[[], Step], str]] = {
@@ -183,6 +257,10 @@ def _pair_steps(name: str, model: nn.Module, example: tuple) -> tuple[Step, Step
                lambda: parallelize_step(model)[0], "parallelize_module"),
         "recompute": (lambda: autoshard_step(model, example, dp, zero_stage=0, recompute="full"),
                       lambda: ddp_step(model, recompute=True), "DDP + checkpoint per block"),
+        "pp": (lambda: autoshard_step(model, example, {"pp": 2, "dp": WORLD // 2}, zero_stage=0, recompute="none",
+                                      schedule="1f1b", micro_batch_size=PP_MICRO_BATCH),
+               lambda: pipeline_step(model, BATCH // (WORLD // 2) // PP_MICRO_BATCH),
+               "pipelining 1F1B + DDP per stage"),
     }
     if name not in sides:
         raise SystemExit(f"unknown pair {name!r}; expected one of {', '.join(PAIRS)}")

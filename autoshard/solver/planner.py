@@ -177,6 +177,11 @@ def _units(
         if node.name in unit_names:
             first_node.setdefault(unit_names[node.name], node)
     output_sources = _graph_output_sources(ir)
+    # parameters the dp axis runs data-parallel: not pinned by the user's param_placements
+    whole_on_dp = {
+        n for p in ir.params for n in p.nodes
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in p.names for pattern in param_placements)
+    }
     units: dict[str, _Unit] = {}
     for name in folded.units:
         info = first_node[name]
@@ -184,6 +189,8 @@ def _units(
         options = tuple(node_options(fx_nodes[info.name], mesh))
         if keep is not None:
             options = keep.narrow(info.name, options, mesh)
+        if dp_params is not None and "dp" in mesh.names and param is None:
+            options = _whole_params_on_dp(options, fx_nodes[info.name], whole_on_dp, mesh.names.index("dp"))
         if param is not None:
             trainable = info.requires_grad
             prices = tuple(pricer.parameter(param.meta, o.output[0], trainable=trainable) for o in options)
@@ -210,6 +217,25 @@ def _units(
             allowed=allowed,
         )
     return units
+
+
+def _whole_params_on_dp(
+    options: Sequence[ShardingOption], node: Node, params: set[str], dp: int
+) -> tuple[ShardingOption, ...]:
+    """The options of `node` that read each parameter whole on the dp axis, else all.
+
+    When ZeRO is decided outside the ILP (`dp_params`), the dp axis is data parallelism, as the step
+    search priced it: a replica runs whole layers on its rows. Reading a replicated weight as a shard
+    over dp would turn dp into a tensor-parallel axis the search never priced (and, at one sequence
+    per replica, the ILP on a CPU cluster found that cheaper: the run then issued 6x the collectives)."""
+    slots = [i for i, n in enumerate(node.all_input_nodes) if n.name in params]
+    if not slots:
+        return tuple(options)
+    kept = tuple(
+        o for o in options
+        if all(i >= len(o.inputs) or o.inputs[i] is None or type(o.inputs[i][dp]) is Replicate for i in slots)
+    )
+    return kept or tuple(options)
 
 
 def _graph_output_sources(ir: GraphIR) -> set[str]:
