@@ -291,3 +291,27 @@ def test_module_hints_in_mindspore_style_are_honoured() -> None:
     (hinted,) = [d for d in plan.nodes if d.op == "autoshard.shard.default"]
     assert hinted.output == ("(S(2),)",)
     assert plan.params["down.weight"] == "(S(1),)"  # the only way to consume that input without a gather
+
+
+def test_a_data_parallel_axis_reads_every_parameter_whole() -> None:
+    # with ZeRO decided outside the ILP (dp_params), the dp axis is data parallelism as the step search
+    # priced it. At one sequence per replica on a CPU cluster the free ILP turns dp into a tensor-
+    # parallel axis for the MLPs (weights read as S(0)/S(1) over dp); the planner must not
+    from autoshard.strategies.mesh import spec_from_str
+
+    model = build("gpt-small-test", device="meta", n_layer=2, n_embd=256, n_head=8, vocab_size=512, block_size=128)
+    ir = autoshard.capture(model, tokens(2, 128))
+    params = {n for p in ir.params for n in p.nodes}
+    mesh, cluster = MeshSpec.of({"dp": 2}), Cluster.parse("cpu:2")
+
+    def weights_split_over_dp(plan) -> list[str]:
+        split = []
+        for d in plan.nodes:
+            node = next(n for n in ir.exported.graph.nodes if n.name == d.node)
+            for src, spec in zip(node.all_input_nodes, d.inputs):
+                if src.name in params and spec is not None and not spec_from_str(spec)[0].is_replicate():
+                    split.append(f"{d.node} reads {src.name} as {spec}")
+        return split
+
+    assert weights_split_over_dp(plan_on_mesh(ir, cluster, mesh)), "the free ILP no longer splits weights here"
+    assert weights_split_over_dp(plan_on_mesh(ir, cluster, mesh, dp_params="replicate")) == []
