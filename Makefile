@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/plan_gpt3_175b.py
 	$(PY) benchmarks/recompute_memory.py
 	$(PY) benchmarks/megatron_table1.py
+	$(PY) benchmarks/runtime_vs_torch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
