@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tp_vs_parallelize import CollectiveCounter, parallelize_step  # noqa: E402 - a sibling benchmark
+from tp_vs_parallelize import CollectiveCounter, build_model, make_batches, parallelize_step  # noqa: E402 - a sibling benchmark
 
 from autoshard.runtime.reference import single_device_losses  # noqa: E402
 
@@ -58,22 +58,6 @@ PAIRS = ("dp", "zero1", "zero2", "zero3", "tp", "recompute", "pp")
 PP_MICRO_BATCH = 1  # pp2 x dp2: 4 sequences per replica, 4 micro-batches
 
 Step = Callable[[torch.Tensor, torch.Tensor], float]
-
-
-def build_model() -> nn.Module:
-    from autoshard.models import build
-
-    torch.manual_seed(0)
-    return build("gpt-small-test", device="cpu", **CONFIG)
-
-
-def make_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    vocab = CONFIG["vocab_size"]
-    return [
-        (torch.randint(0, vocab, (BATCH, SEQ), generator=gen), torch.randint(0, vocab, (BATCH, SEQ), generator=gen))
-        for _ in range(n)
-    ]
 
 
 # ---- autoshard --------------------------------------------------------------------------------------
@@ -310,8 +294,8 @@ def measure_pair(ours: Step, theirs: Step, batches: list, reference: list[float]
 
 
 def rank_main(pairs: list[str]) -> dict[str, Any]:
-    model = build_model()
-    batches = make_batches(CHECKED_STEPS + TIMED_STEPS + 1)
+    model = build_model(CONFIG)
+    batches = make_batches(CHECKED_STEPS + TIMED_STEPS + 1, BATCH, SEQ, CONFIG["vocab_size"])
     reference = single_device_losses(model, batches[:CHECKED_STEPS], lr=LR)
     out = {}
     for name in pairs:

@@ -95,18 +95,21 @@ class CollectiveCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def build_model() -> nn.Module:
+def build_model(config: dict[str, int] = CONFIG) -> nn.Module:  # noqa: B006 - read only
+    """The benchmark GPT, seeded (benchmarks/runtime_vs_torch.py builds its own config with it)."""
     from autoshard.models import build
 
     torch.manual_seed(0)
-    return build("gpt-small-test", device="cpu", **CONFIG)
+    return build("gpt-small-test", device="cpu", **config)
 
 
-def make_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(
+    n: int, batch: int = BATCH, seq: int = SEQ, vocab: int = CONFIG["vocab_size"]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` seeded (tokens, targets) batches."""
     gen = torch.Generator().manual_seed(1)
-    vocab = CONFIG["vocab_size"]
     return [
-        (torch.randint(0, vocab, (BATCH, SEQ), generator=gen), torch.randint(0, vocab, (BATCH, SEQ), generator=gen))
+        (torch.randint(0, vocab, (batch, seq), generator=gen), torch.randint(0, vocab, (batch, seq), generator=gen))
         for _ in range(n)
     ]
 

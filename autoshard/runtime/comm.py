@@ -247,9 +247,8 @@ def measure_comm(compiled: CompiledModel, *inputs: Any) -> CommReport:
     expected = compiled.plan.collectives
     if compiled.fsdp:  # ZeRO: the parameters' dp traffic is FSDP's
         expected = zero_collectives(compiled.plan, compiled.ir, compiled.fsdp)
-    fsdp_managed = {id(p) for m in compiled.fsdp for p in m.parameters()} - {
-        id(p) for m in compiled.fsdp for p in getattr(m, "fsdp_ignored", ())}
-    settled = [n for n, p in compiled._params.items() if id(p) not in fsdp_managed]
+    name_of = {id(p): n for n, p in compiled._params.items()}
+    settled = [name_of[id(p)] for p in compiled._grad_sync.params]  # the runtime's own, in its order
     expected = bucketed_gradients(expected, compiled.ir, settled, axis_sizes)
     for c in expected:
         key = (c.phase, c.collective, c.axis)

@@ -4,13 +4,13 @@ After backward a parameter replicated over an axis on which its gradient came ou
 parameter under data parallelism; a replicated norm weight beside sequence-sharded activations under
 tp) needs an all-reduce over that axis. DTensor's `redistribute` issues one per parameter: 44 on a
 4-layer GPT, each paying the collective's latency. Here the gradients that need the same all-reduces
-(the same mesh, axes and dtype) are flattened into buckets of up to `BUCKET_BYTES`, each bucket
+(the same mesh, axes and dtype) are flattened into buckets (`bucket_sizes`: DDP's), each bucket
 all-reduced once per axis, and the sums written back as the parameters' gradients. The values are the
 same sums DTensor's all-reduces compute. Any other change of placement (a replicated gradient to a
 parameter's shard, a Partial(avg)) goes through DTensor's `redistribute` as before.
 
 Buckets follow the reverse of the parameters' order, as DDP's do (backward produces the last layers'
-gradients first), so `gradient_buckets` on the plan side (runtime/comm.py) predicts the same count.
+gradients first), so `bucketed_gradients` on the plan side (runtime/comm.py) predicts the same count.
 """
 
 from __future__ import annotations
@@ -93,7 +93,10 @@ def buckets_of(params: Iterable[torch.nn.Parameter]) -> tuple[list[Bucket], list
 
 def settle_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """Bring every parameter's gradient to the parameter's placement (collective: every rank calls it)."""
-    buckets, rest = buckets_of(params)
+    _settle(*buckets_of(params))
+
+
+def _settle(buckets: Sequence[Bucket], rest: Sequence[torch.nn.Parameter]) -> None:
     for p in rest:
         p.grad = p.grad.redistribute(p.device_mesh, p.placements)
     for b in buckets:
@@ -141,10 +144,12 @@ class OverlappedSync:
 
     def settle(self) -> None:
         armed, self._armed = self._armed, False
-        if self.buckets is None or not armed:
-            if self.buckets is None:
-                self.buckets, _ = buckets_of(self.params)
-                self._index = {id(m): i for i, b in enumerate(self.buckets) for m in b.members}
+        if self.buckets is None:  # the first step: its buckets are the ones later steps launch
+            self.buckets, rest = buckets_of(self.params)
+            self._index = {id(m): i for i, b in enumerate(self.buckets) for m in b.members}
+            _settle(self.buckets, rest)
+            return
+        if not armed:
             settle_gradients(self.params)
             return
         for i, b in enumerate(self.buckets):
@@ -170,8 +175,8 @@ def _write_back(b: Bucket, flat: torch.Tensor) -> None:
     offset = 0
     for p in b.members:
         g = p.grad
-        n = g.to_local().numel()
-        piece = flat[offset:offset + n].view(g.to_local().shape)
-        offset += n
+        local = g.to_local()
+        piece = flat[offset:offset + local.numel()].view(local.shape)
+        offset += local.numel()
         p.grad = DTensor.from_local(piece, b.mesh, p.placements, run_check=False, shape=g.shape,
                                     stride=contiguous_strides(g.shape))

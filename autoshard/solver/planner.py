@@ -177,11 +177,12 @@ def _units(
         if node.name in unit_names:
             first_node.setdefault(unit_names[node.name], node)
     output_sources = _graph_output_sources(ir)
-    # parameters the dp axis runs data-parallel: not pinned by the user's param_placements
+    # parameters the dp axis runs data-parallel (ZeRO decided outside): those the user did not pin
+    data_parallel = dp_params is not None and "dp" in mesh.names
     whole_on_dp = {
         n for p in ir.params for n in p.nodes
         if not any(fnmatch.fnmatchcase(name, pattern) for name in p.names for pattern in param_placements)
-    }
+    } if data_parallel else set()
     units: dict[str, _Unit] = {}
     for name in folded.units:
         info = first_node[name]
@@ -189,7 +190,7 @@ def _units(
         options = tuple(node_options(fx_nodes[info.name], mesh))
         if keep is not None:
             options = keep.narrow(info.name, options, mesh)
-        if dp_params is not None and "dp" in mesh.names and param is None:
+        if data_parallel and param is None:
             options = _whole_params_on_dp(options, fx_nodes[info.name], whole_on_dp, mesh.names.index("dp"))
         if param is not None:
             trainable = info.requires_grad

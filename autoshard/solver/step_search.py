@@ -10,8 +10,8 @@
    more on the operator mesh dp x tp at one micro-batch of all replicas (batch `micro_batch_size * dp`),
    parameters replicated over dp (or sharded there for ZeRO-3), so the code generator gets a placement
    for every tensor on every axis. Each node keeps the tp placements of the replica plan that was priced
-   (solver/axis_choices.py), so the ILP decides the dp axis only. The runners-up, with their time, memory and the reason each lost, are
-   `plan.alternatives`.
+   (solver/axis_choices.py), so the ILP decides the dp axis only. The runners-up, with their time,
+   memory and the reason each lost, are `plan.alternatives`.
 """
 
 from __future__ import annotations
