@@ -11,8 +11,13 @@ way and autoshard's (`autoshard.compile` with the plan's decisions pinned to the
 | zero2       | mesh dp4, ZeRO 2                 | the same (one micro-batch: ZeRO 1 and 2 coincide)          |
 | zero3       | mesh dp4, ZeRO 3                 | FSDP2 `fully_shard` per block + root                       |
 | tp          | mesh tp4 (the solver's plan)     | `parallelize_module`, Colwise/Rowwise (benchmarks/tp_vs_parallelize.py) |
+| dp2xtp2     | mesh dp2 x tp2, ZeRO 3 (the solver's tp plan) | `parallelize_module` on tp, FSDP2 `fully_shard` per block + root on dp |
 | recompute   | mesh dp4, ZeRO 0, recompute full | DDP with `torch.utils.checkpoint` around every block       |
 | pp          | mesh pp2 x dp2, 1F1B, 4 micro-batches | `torch.distributed.pipelining` 1F1B, each stage a DDP module, tied embedding/head summed over pp |
+
+`dp-compiled`, `tp-compiled` and `pp-compiled` are the dp, tp and pp pairs again with autoshard's program
+under `torch.compile` (`autoshard.compile(torch_compile=True)`, backend aot_eager); its first step,
+which traces, is reported apart (`first_step_s`).
 
 The two sides of a pair step alternately (A, B, A, B, ...), so machine noise hits both alike: 3 steps
 checked against one device and warm-up, then 10 timed steps each (a barrier before and after each step,
@@ -43,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tp_vs_parallelize import CollectiveCounter, build_model, make_batches, parallelize_step  # noqa: E402 - a sibling benchmark
+from tp_vs_parallelize import CollectiveCounter, build_model, make_batches, parallelize_step, tensor_parallel  # noqa: E402 - a sibling benchmark
 
 from autoshard.runtime.reference import single_device_losses  # noqa: E402
 
@@ -54,7 +59,10 @@ BATCH, SEQ = 8, 128
 LR = 0.1
 CHECKED_STEPS = 3
 TIMED_STEPS = 10
-PAIRS = ("dp", "zero1", "zero2", "zero3", "tp", "recompute", "pp")
+PAIRS = ("dp", "zero1", "zero2", "zero3", "tp", "dp2xtp2", "recompute", "pp")
+# pairs also run with autoshard's program under torch.compile (`<pair>-compiled`): the plans it accepts
+COMPILED = ("dp", "tp", "pp")
+ALL_PAIRS = (*PAIRS, *(f"{p}-compiled" for p in COMPILED))
 PP_MICRO_BATCH = 1  # pp2 x dp2: 4 sequences per replica, 4 micro-batches
 
 Step = Callable[[torch.Tensor, torch.Tensor], float]
@@ -63,37 +71,35 @@ Step = Callable[[torch.Tensor, torch.Tensor], float]
 # ---- autoshard --------------------------------------------------------------------------------------
 
 
-def autoshard_step(model: nn.Module, example: tuple, mesh: dict[str, int], **pinned: Any) -> Step:
+def autoshard_step(
+    model: nn.Module, example: tuple, mesh: dict[str, int], torch_compile: bool = False, **pinned: Any
+) -> Step:
     import autoshard
 
     ir = autoshard.capture(model, example)
     plan = autoshard.plan_graph(ir, f"cpu:{WORLD}", mesh=mesh, optimizer="sgd", **pinned)
-    compiled = autoshard.compile(model, example, plan=plan, optimizer="sgd", lr=LR)
+    compiled = autoshard.compile(model, example, plan=plan, optimizer="sgd", lr=LR, torch_compile=torch_compile)
     return compiled.train_step
 
 
 # ---- by hand ----------------------------------------------------------------------------------------
 
 
-def _local(idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of the global batch (equal slices: the mean of the ranks' token means is the
-    global token mean, so the summed-then-averaged gradients are one device's)."""
-    rows = BATCH // WORLD
-    r = dist.get_rank()
-    return idx[r * rows:(r + 1) * rows], targets[r * rows:(r + 1) * rows]
-
-
-def _data_parallel_step(model: nn.Module) -> Step:
+def _data_parallel_step(model: nn.Module, dp_group: Any = None) -> Step:
+    """SGD on this replica's rows; `dp_group` (default: every rank) is the data-parallel group."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    dp = dist.get_world_size(dp_group)
+    rows = BATCH // dp
+    r = dist.get_group_rank(dp_group, dist.get_rank()) if dp_group is not None else dist.get_rank()
 
     def step(idx: torch.Tensor, targets: torch.Tensor) -> float:
         opt.zero_grad(set_to_none=True)
-        loss = model(*_local(idx, targets))
+        loss = model(idx[r * rows:(r + 1) * rows], targets[r * rows:(r + 1) * rows])
         loss.backward()
         opt.step()
         mean = loss.detach().clone()
-        dist.all_reduce(mean)  # the global batch's loss, as autoshard's train_step returns it
-        return mean.item() / WORLD
+        dist.all_reduce(mean, group=dp_group)  # the global batch's loss, as autoshard's train_step returns it
+        return mean.item() / dp
 
     return step
 
@@ -131,6 +137,19 @@ def fsdp_step(model: nn.Module, reshard_after_forward: bool) -> Step:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return _data_parallel_step(model)
+
+
+def fsdp_tp_step(model: nn.Module) -> Step:
+    """dp2 x tp2 by hand: Megatron's split with `parallelize_module` on tp, FSDP2 per block and root on dp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, WORLD // 2), mesh_dim_names=("dp", "tp"))
+    model = tensor_parallel(model, mesh["tp"])
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return _data_parallel_step(model, mesh.get_group("dp"))
 
 
 def pair_steps(name: str, model: nn.Module, example: tuple) -> tuple[Step, Step, str]:
@@ -227,29 +246,30 @@ def pipeline_step(model: nn.Module, micro_batches: int) -> Step:
 
 
 def _pair_steps(name: str, model: nn.Module, example: tuple) -> tuple[Step, Step, str]:
+    base, _, compiled = name.partition("-")
+    if base not in PAIRS or compiled not in ("", "compiled") or (compiled and base not in COMPILED):
+        raise SystemExit(f"unknown pair {name!r}; expected one of {', '.join(ALL_PAIRS)}")
     dp = {"dp": WORLD}
-    sides: dict[str, tuple[Callable[[], Step], Callable[[], Step], str]] = {
-        "dp": (lambda: autoshard_step(model, example, dp, zero_stage=0, recompute="none"),
-               lambda: ddp_step(model), "DDP"),
-        "zero1": (lambda: autoshard_step(model, example, dp, zero_stage=1, recompute="none"),
-                  lambda: fsdp_step(model, reshard_after_forward=False), "FSDP2, reshard_after_forward=False"),
-        "zero2": (lambda: autoshard_step(model, example, dp, zero_stage=2, recompute="none"),
-                  lambda: fsdp_step(model, reshard_after_forward=False), "FSDP2, reshard_after_forward=False"),
-        "zero3": (lambda: autoshard_step(model, example, dp, zero_stage=3, recompute="none"),
-                  lambda: fsdp_step(model, reshard_after_forward=True), "FSDP2 per block"),
-        "tp": (lambda: autoshard_step(model, example, {"tp": WORLD}),
-               lambda: parallelize_step(model)[0], "parallelize_module"),
-        "recompute": (lambda: autoshard_step(model, example, dp, zero_stage=0, recompute="full"),
-                      lambda: ddp_step(model, recompute=True), "DDP + checkpoint per block"),
-        "pp": (lambda: autoshard_step(model, example, {"pp": 2, "dp": WORLD // 2}, zero_stage=0, recompute="none",
-                                      schedule="1f1b", micro_batch_size=PP_MICRO_BATCH),
-               lambda: pipeline_step(model, BATCH // (WORLD // 2) // PP_MICRO_BATCH),
-               "pipelining 1F1B + DDP per stage"),
+    plain = {"zero_stage": 0, "recompute": "none"}
+    # pair -> (autoshard's mesh and pinned decisions, the hand-written step, what that is)
+    sides: dict[str, tuple[dict[str, int], dict[str, Any], Callable[[], Step], str]] = {
+        "dp": (dp, plain, lambda: ddp_step(model), "DDP"),
+        "zero1": (dp, {**plain, "zero_stage": 1}, lambda: fsdp_step(model, reshard_after_forward=False),
+                  "FSDP2, reshard_after_forward=False"),
+        "zero2": (dp, {**plain, "zero_stage": 2}, lambda: fsdp_step(model, reshard_after_forward=False),
+                  "FSDP2, reshard_after_forward=False"),
+        "zero3": (dp, {**plain, "zero_stage": 3}, lambda: fsdp_step(model, reshard_after_forward=True), "FSDP2 per block"),
+        "tp": ({"tp": WORLD}, {}, lambda: parallelize_step(model)[0], "parallelize_module"),
+        "dp2xtp2": ({"dp": 2, "tp": WORLD // 2}, {**plain, "zero_stage": 3}, lambda: fsdp_tp_step(model),
+                    "FSDP2 per block + parallelize_module"),
+        "recompute": (dp, {**plain, "recompute": "full"}, lambda: ddp_step(model, recompute=True),
+                      "DDP + checkpoint per block"),
+        "pp": ({"pp": 2, "dp": WORLD // 2}, {**plain, "schedule": "1f1b", "micro_batch_size": PP_MICRO_BATCH},
+               lambda: pipeline_step(model, BATCH // (WORLD // 2) // PP_MICRO_BATCH), "pipelining 1F1B + DDP per stage"),
     }
-    if name not in sides:
-        raise SystemExit(f"unknown pair {name!r}; expected one of {', '.join(PAIRS)}")
-    ours, theirs, what = sides[name]
-    return _timed_setup(name, "autoshard", ours), _timed_setup(name, "by_hand", theirs), what
+    mesh, pinned, theirs, what = sides[base]
+    ours = _timed_setup(name, "autoshard", lambda: autoshard_step(model, example, mesh, bool(compiled), **pinned))
+    return ours, _timed_setup(name, "by_hand", theirs), what
 
 
 # ---- one rank --------------------------------------------------------------------------------------
@@ -273,8 +293,11 @@ def _counted(step: Step, batch: tuple) -> CollectiveCounter:
 def measure_pair(ours: Step, theirs: Step, batches: list, reference: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for side, step in (("autoshard", ours), ("by_hand", theirs)):
-        losses = [step(*b) for b in batches[:CHECKED_STEPS]]
-        out[side] = {"losses": losses,
+        t0 = time.perf_counter()
+        losses = [step(*batches[0])]
+        first = time.perf_counter() - t0
+        losses += [step(*b) for b in batches[1:CHECKED_STEPS]]
+        out[side] = {"losses": losses, "first_step_s": first,
                      "max_loss_diff_vs_single_device": max(abs(a - b) for a, b in zip(losses, reference, strict=True))}
     times: dict[str, list[float]] = {"autoshard": [], "by_hand": []}
     for i in range(TIMED_STEPS):  # interleaved: A, B, A, B, ...
@@ -311,10 +334,10 @@ def rank_main(pairs: list[str]) -> dict[str, Any]:
 def main(pairs: list[str]) -> None:
     from autoshard.runtime.launch import run_local
 
-    pairs = pairs or list(PAIRS)
+    pairs = pairs or list(ALL_PAIRS)
     for name in pairs:
-        if name not in PAIRS:
-            raise SystemExit(f"unknown pair {name!r}; expected one of {', '.join(PAIRS)}")
+        if name not in ALL_PAIRS:
+            raise SystemExit(f"unknown pair {name!r}; expected one of {', '.join(ALL_PAIRS)}")
     run = run_local(rank_main, WORLD, pairs, timeout=1800)
     ranks = run.results
     rows = {}
@@ -325,6 +348,7 @@ def main(pairs: list[str]) -> None:
             s = r0[side]
             row[side] = {
                 "median_step_s": s["median_step_s"],
+                "first_step_s": s["first_step_s"],
                 "min_step_s": min(s["step_times_s"]),
                 "max_step_s": max(s["step_times_s"]),
                 "median_step_s_per_rank": [r[name][side]["median_step_s"] for r in ranks],
@@ -337,20 +361,21 @@ def main(pairs: list[str]) -> None:
         rows[name] = row
     print(f"GPT {CONFIG}, batch {BATCH} x seq {SEQ}, SGD, fp32, {WORLD} gloo ranks on CPU")
     print(f"{TIMED_STEPS} interleaved timed steps per side after {CHECKED_STEPS} checked; run took {run.seconds:.0f} s\n")
-    header = (f"{'pair':10} {'by hand':36} {'autoshard':>10} {'by hand':>10} {'ratio':>6} "
+    header = (f"{'pair':13} {'by hand':36} {'autoshard':>10} {'by hand':>10} {'ratio':>6} "
               f"{'colls a/h':>10} {'MiB a/h':>14} {'loss diff a/h':>20}")
     print(header)
     print("-" * len(header))
     for name, r in rows.items():
         a, h = r["autoshard"], r["by_hand"]
-        print(f"{name:10} {r['by_hand_is']:36} {a['median_step_s'] * 1e3:7.1f} ms {h['median_step_s'] * 1e3:7.1f} ms "
+        print(f"{name:13} {r['by_hand_is']:36} {a['median_step_s'] * 1e3:7.1f} ms {h['median_step_s'] * 1e3:7.1f} ms "
               f"{r['time_ratio']:6.2f} {a['total_collectives']:4d}/{h['total_collectives']:<5d} "
               f"{a['bytes_per_step'] / 2**20:6.2f}/{h['bytes_per_step'] / 2**20:<7.2f} "
               f"{a['max_loss_diff_vs_single_device']:9.1e}/{h['max_loss_diff_vs_single_device']:<9.1e}")
     print()
     for name, r in rows.items():
-        print(f"{name:10} set-up (capture + plan + compile): autoshard {r['setup_s']['autoshard']:.2f} s, "
-              f"by hand {r['setup_s']['by_hand']:.2f} s")
+        print(f"{name:13} set-up (capture + plan + compile): autoshard {r['setup_s']['autoshard']:.2f} s, "
+              f"by hand {r['setup_s']['by_hand']:.2f} s; first step {r['autoshard']['first_step_s']:.2f} s / "
+              f"{r['by_hand']['first_step_s']:.2f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     merged = {**previous.get("pairs", {}), **rows}  # a run of some pairs keeps the others' last figures

@@ -172,21 +172,26 @@ def permute_fused_qkv(linear: nn.Linear, tp: int) -> None:
             linear.bias.copy_(linear.bias[index])
 
 
-def parallelize_step(model: nn.Module) -> tuple[Any, dict[str, Any]]:
-    from torch.distributed.device_mesh import init_device_mesh
+def tensor_parallel(model: nn.Module, mesh: Any) -> nn.Module:
+    """A copy of `model` split Megatron's way over the 1-D `mesh` with `parallelize_module`."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
     model = copy.deepcopy(model)
     model.tie_weights()
     plan = {}
     for i, block in enumerate(model.transformer.h):
-        permute_fused_qkv(block.attn.c_attn, WORLD)
+        permute_fused_qkv(block.attn.c_attn, mesh.size())
         plan[f"transformer.h.{i}.attn.c_attn"] = ColwiseParallel()
         plan[f"transformer.h.{i}.attn.c_proj"] = RowwiseParallel()
         plan[f"transformer.h.{i}.mlp.c_fc"] = ColwiseParallel()
         plan[f"transformer.h.{i}.mlp.c_proj"] = RowwiseParallel()
-    parallelize_module(model, mesh, plan)
+    return parallelize_module(model, mesh, plan)
+
+
+def parallelize_step(model: nn.Module) -> tuple[Any, dict[str, Any]]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = tensor_parallel(model, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",)))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
 
     def step(idx: torch.Tensor, targets: torch.Tensor) -> float:

@@ -31,7 +31,7 @@ CASES = (
     "gpt-meta-1f1b", "gpt-solver-1f1b", "llama-solver-gpipe",
     "gpt-zero1", "gpt-zero2-interleaved", "gpt-zero3", "llama-zero2", "llama-zero3-interleaved",
     "gpt-recompute", "llama-recompute-tp-interleaved", "gpt-zero1-recompute", "gpt-bf16-zero1",
-    "gpt-solver-zero1-selective", "unused-1f1b", "unused-zero1",
+    "gpt-solver-zero1-selective", "unused-1f1b", "unused-zero1", "gpt-1f1b-torch-compile",
 )  # fmt: skip
 # CI runs every case but four llama-tiny ones whose schedule or split another llama case also runs
 # (interleaved: with ZeRO-3; tp: with recomputation; GPipe: the solver's plan); all with AUTOSHARD_FULL=1

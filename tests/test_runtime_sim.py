@@ -207,6 +207,16 @@ def test_refuses_world_size_that_differs_from_the_mesh(fake_world) -> None:
         compile(model, inputs, plan=plan)
 
 
+@pytest.mark.parametrize("training", [{"zero_stage": 1}, {"recompute": "full"}], ids=["zero", "recompute"])
+def test_torch_compile_refuses_zero_and_recomputation_naming_them(fake_world, training: dict) -> None:
+    model, inputs = make("mlp")
+    ir = autoshard.capture(model, inputs)
+    plan = autoshard.plan_graph(ir, "cpu:4", mesh={"dp": 4}, **training)
+    assert plan.training.zero_stage or set(plan.training.recompute) == {"full"}, plan.training
+    with pytest.raises(autoshard.InputError, match="torch_compile=True.*zero_stage=.*recompute="):
+        compile(model, inputs, plan=plan, torch_compile=True)
+
+
 def test_refuses_a_meta_model_without_a_seed(fake_world) -> None:
     model = build("gpt-tiny")  # meta: runnable only with a seed (tests/test_runtime_comm.py)
     idx = torch.zeros(4, 16, dtype=torch.long)

@@ -24,7 +24,8 @@ DIST = Path(__file__).parent / "dist"
 # and full recomputation, alone and under ZeRO-3. llama-tiny: ZeRO 1, 2, 3 and recomputation on dp2 x tp2.
 # gpt-odd: ZeRO 2 and 3 where dp=4 does not divide the embeddings' rows (FSDP pads the last shard).
 # unused: parameters no node reads, on dp=4 without ZeRO and with ZeRO-3 and AdamW (one mechanism holds them for
-# every stage; ZeRO-3 shards them like the rest) (in the state dict, unchanged).
+# every stage; ZeRO-3 shards them like the rest) (in the state dict, unchanged). *-torch-compile: the same plans
+# with the program under torch.compile (aot_eager), on dp, dp x tp and over accumulated micro-batches.
 # Every case also checks full_state_dict right after compile against the model's own values, exactly.
 _LLAMA = ("dp2xtp2-zero1", "dp2xtp2-zero2", "dp2xtp2-zero3", "dp2xtp2-recompute", "dp2xtp2-zero2-accumulate-adamw")
 CASES = (
@@ -32,7 +33,7 @@ CASES = (
     "dp2xtp2-zero1-adamw", "dp2xtp2-zero3-adamw", "dp2xtp2-zero1-accumulate", "dp2xtp2-zero2-accumulate-adamw",
     "dp2xtp2-zero3-accumulate", "dp-zero3-planned", "tp-recompute", "dp2xtp2-recompute", "dp2xtp2-zero3-recompute",
     *(f"llama-tiny/{c}" for c in _LLAMA), "gpt-odd/dp-zero2", "gpt-odd/dp-zero3",
-    "unused/dp", "unused/dp-zero3-adamw",
+    "unused/dp", "unused/dp-zero3-adamw", "dp-torch-compile", "dp2xtp2-torch-compile", "dp2xtp2-accumulate-torch-compile",
 )  # fmt: skip
 # CI runs a sample that keeps every mechanism (each ZeRO stage on dp and beside tp, AdamW, accumulation,
 # recomputation, padded shards, unused parameters, the solver's own plans) and llama-tiny once beside
@@ -40,7 +41,7 @@ CASES = (
 CI_CASES = tuple(
     c for c in CASES
     # the native loop's matrix (test_native_loop_torchrun.py) runs these plans with AdamW, clipping too
-    if c not in {"dp2xtp2-zero1-adamw", "dp2xtp2-zero2", "dp2xtp2-recompute", "dp-zero1", "dp-zero2", "dp2xtp2-zero3-adamw"}
+    if c not in {"dp2xtp2-accumulate-torch-compile", "dp2xtp2-zero1-adamw", "dp2xtp2-zero2", "dp2xtp2-recompute", "dp-zero1", "dp-zero2", "dp2xtp2-zero3-adamw"}
     and (not c.startswith("llama-tiny/") or c in {"llama-tiny/auto", "llama-tiny/dp2xtp2-zero2-accumulate-adamw"})
 )  # fmt: skip
 if not os.environ.get("AUTOSHARD_FULL"):

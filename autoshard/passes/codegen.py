@@ -34,7 +34,6 @@ The graph takes the lifted parameters, buffers and constants as placeholders (th
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import operator
 from collections.abc import Iterator, Sequence
@@ -80,19 +79,38 @@ _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _STRIDE_BOUND_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 _RESHAPE = torch.ops.aten.reshape.default
 
-_MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("autoshard_mesh", default=None)
-_EVALUATING: contextvars.ContextVar[bool] = contextvars.ContextVar("autoshard_evaluating", default=False)
+
+
+class _Setting:
+    """A value the generated functions read while a graph runs, set for a `with` block.
+
+    A plain attribute rather than a `contextvars.ContextVar`: torch.compile cannot trace
+    `ContextVar.get` and would break the graph at every factory op and dropout."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    @contextlib.contextmanager
+    def set_to(self, value: Any) -> Iterator[None]:
+        old, self.value = self.value, value
+        try:
+            yield
+        finally:
+            self.value = old
+
+
+_MESH = _Setting(None)
+_EVALUATING = _Setting(False)
 _DROPOUT = torch.ops.aten.dropout.default
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Any) -> Iterator[None]:
     """Make `mesh` the one `as_dtensor` places factory outputs on while a generated graph runs."""
-    token = _MESH.set(mesh)
-    try:
+    with _MESH.set_to(mesh):
         yield
-    finally:
-        _MESH.reset(token)
 
 
 @lru_cache(maxsize=None)
@@ -184,7 +202,7 @@ def write_back(target: DTensor, moved: DTensor) -> DTensor:
 @torch.fx.wrap
 def as_dtensor(x: torch.Tensor, placements: str) -> DTensor:
     """A factory op's plain output (the same on every rank) as a DTensor with its planned placement."""
-    mesh = _MESH.get()
+    mesh = _MESH.value
     if mesh is None:
         raise InputError(
             "expected a device mesh while running generated code, found none; "
@@ -199,11 +217,8 @@ def as_dtensor(x: torch.Tensor, placements: str) -> DTensor:
 @contextlib.contextmanager
 def evaluating(on: bool = True) -> Iterator[None]:
     """Run generated code as the model runs in `model.eval()`: its dropouts pass their input through."""
-    token = _EVALUATING.set(on)
-    try:
+    with _EVALUATING.set_to(on):
         yield
-    finally:
-        _EVALUATING.reset(token)
 
 
 @torch.fx.wrap
@@ -211,7 +226,7 @@ def dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
     """`aten.dropout` in generated code: as captured (training mode), except inside `evaluating()`, where
     it is the identity, as `nn.Dropout` and `F.dropout(training=self.training)` are in eval mode. The
     output keeps the input's placement either way (dropout is elementwise)."""
-    if train and not _EVALUATING.get():
+    if train and not _EVALUATING.value:
         return _DROPOUT(x, p, train)
     return x
 
@@ -264,7 +279,7 @@ def run_replicated(op: Any, *args: Any, **kwargs: Any) -> Any:
     values. `to_local` / `from_local` carry autograd (the gradient comes back replicated).
     """
     meshes = [a.device_mesh for a in tree_leaves((args, kwargs)) if isinstance(a, DTensor)]
-    mesh = meshes[0] if meshes else _MESH.get()
+    mesh = meshes[0] if meshes else _MESH.value
     if mesh is None:
         raise InputError(f"expected a device mesh to run {op} replicated, found no DTensor input and no mesh set")
 

@@ -44,6 +44,7 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
     loss_reduction: str | None = None,
     seed: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    torch_compile: bool = False,
     **optimizer_kwargs: Any,
 ) -> CompiledModel:
     """Capture, plan (unless `plan` is given), generate code and shard `model` over the process group.
@@ -69,6 +70,12 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
 
     A model built on the meta device (too big for one device) needs `seed`: only each rank's shards are
     materialised, equal to the model built on cpu after `torch.manual_seed(seed)` (runtime/materialize.py).
+
+    `torch_compile=True` runs the generated program through `torch.compile` (backend "aot_eager"):
+    AOTAutograd traces DTensor's dispatch once into local ops and collectives, so the steps after the
+    first skip it (runtime/stage.py). The first step pays the tracing (seconds). Plans with ZeRO or
+    recomputation are refused: FSDP2's hooks run inside the program, and torch 2.13's AOTAutograd
+    fails on the checkpointed blocks.
     """
     optimizer_factory(optimizer, lr)  # a bad name is refused before anything is captured or planned
     ensure_process_group(timeout_s)
@@ -103,7 +110,8 @@ def compile(  # noqa: A001 - `autoshard.compile` mirrors `torch.compile`
 
         refuse_micro_batches(batch_norms, t.pp, t.num_micro_batches)
     return CompiledModel(
-        model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, seed=seed, **optimizer_kwargs
+        model, ir, plan, optimizer=optimizer, lr=lr, loss_fn=loss_fn, seed=seed, torch_compile=torch_compile,
+        **optimizer_kwargs,
     )
 
 

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from autoshard.passes.codegen import contiguous_strides
@@ -28,6 +27,9 @@ __all__ = ["BUCKET_BYTES", "FIRST_BUCKET_BYTES", "Bucket", "OverlappedSync", "bu
 
 BUCKET_BYTES = 25 * 2**20  # DDP's bucket_cap_mb
 FIRST_BUCKET_BYTES = 2**20  # DDP's first bucket: the last layers' gradients start reducing early
+
+_ALL_REDUCE_ = torch.ops._c10d_functional.all_reduce_.default
+_WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 
 def _summed_axes(grad: DTensor, placements: Sequence[object]) -> tuple[int, ...] | None:
@@ -140,7 +142,7 @@ class OverlappedSync:
             b = self.buckets[i]
             if all(isinstance(m.grad, DTensor) and tuple(m.grad.placements) == pl
                    for m, pl in zip(b.members, b.placements)):
-                self._launched[i] = funcol.all_reduce(_flatten(b), "sum", (b.mesh, b.axes[0]))
+                self._launched[i] = _all_reduce(b, b.axes[0], _flatten(b))
 
     def settle(self) -> None:
         armed, self._armed = self._armed, False
@@ -154,7 +156,7 @@ class OverlappedSync:
             return
         for i, b in enumerate(self.buckets):
             if i in self._launched:
-                flat = funcol.wait_tensor(self._launched[i])
+                flat = _wait(self._launched[i])
                 _write_back(b, _reduce(b, flat, first_done=True))
         self._launched = {}
         settle_gradients(self.params)  # what the hooks did not settle (nothing, in the common case)
@@ -167,8 +169,19 @@ def _flatten(b: Bucket) -> torch.Tensor:
 
 def _reduce(b: Bucket, flat: torch.Tensor, *, first_done: bool = False) -> torch.Tensor:
     for axis in b.axes[1:] if first_done else b.axes:
-        flat = funcol.wait_tensor(funcol.all_reduce(flat, "sum", (b.mesh, axis)))
+        _wait(_all_reduce(b, axis, flat))
     return flat
+
+
+def _all_reduce(b: Bucket, axis: int, flat: torch.Tensor) -> torch.Tensor:
+    """Start summing `flat` in place over `axis` of the bucket's mesh; `_wait(flat)` completes it. In
+    place, as DDP's buckets are: `funcol.all_reduce` would first copy the whole bucket. The functional
+    in-place op (not `dist.all_reduce`) goes through the dispatcher, so comm accounting sees it."""
+    return _ALL_REDUCE_(flat, "sum", b.mesh.get_group(axis).group_name)
+
+
+def _wait(flat: torch.Tensor) -> torch.Tensor:
+    return _WAIT(flat)
 
 
 def _write_back(b: Bucket, flat: torch.Tensor) -> None:

@@ -93,11 +93,19 @@ class CompiledModel(ShardedModule):
         lr: float = 1e-3,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         seed: int | None = None,
+        torch_compile: bool = False,
         **optimizer_kwargs: Any,
     ) -> None:
         super().__init__()
         t: Training = plan.training
         check_plan(plan)
+        if torch_compile and (t.zero_stage or any(m != "none" for m in t.recompute)):
+            raise InputError(
+                "expected a plan without ZeRO and recomputation for torch_compile=True, found "
+                f"zero_stage={t.zero_stage}, recompute={sorted(set(t.recompute))}: FSDP2's hooks run inside the "
+                "program, and torch 2.13's AOTAutograd cannot save the checkpointed blocks' device mesh; "
+                "compile without torch_compile, or plan with zero_stage=0 and recompute='none'"
+            )
         if t.pp > 1 and loss_fn is not None:
             raise InputError(
                 "a pipelined plan (training.pp > 1) takes no loss_fn: its loss is the model's own, cut off the "
@@ -186,6 +194,7 @@ class CompiledModel(ShardedModule):
                 t.precision,
                 scope,
                 {c: mine[c] for c in (held if sid == 0 else [])},
+                torch_compile=torch_compile,
             )
             if scope is not None:
                 self.fsdp += shard_with_fsdp(stage, scope.blocks(), self.operator_mesh, t.zero_stage)

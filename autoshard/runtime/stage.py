@@ -114,6 +114,8 @@ class Stage(nn.Module):
         precision: str,
         scope: ProgramScope | None = None,
         held: Mapping[str, nn.Parameter] | None = None,
+        *,
+        torch_compile: bool = False,
     ) -> None:
         super().__init__()
         self.piece = piece
@@ -134,6 +136,11 @@ class Stage(nn.Module):
         if len(self._inputs) != len(piece.inputs):
             raise InputError(f"stage built with {len(self._inputs)} input layouts for inputs {piece.inputs}")
         self._order = [n.name for n in self.graph_module.graph.nodes if n.op == "placeholder"]
+        # the program as it runs: under torch_compile, AOTAutograd's trace of it (local ops and the
+        # collectives DTensor issued, forward and backward), made on the first call. A function, not a
+        # module attribute, so the stage's modules and state are the same either way
+        self._run = torch.compile(self.graph_module.forward, backend="aot_eager", dynamic=False) \
+            if torch_compile else self.graph_module
 
     def forward(self, *values: Any) -> Any:
         args = [enter(how, v, self.mesh) for how, v in zip(self._inputs, values, strict=True)]
@@ -143,7 +150,7 @@ class Stage(nn.Module):
                 out = self.scope(by_name)
             else:
                 by_name.update(self._params)
-                out = self.graph_module(*(by_name[n] for n in self._order))
+                out = self._run(*(by_name[n] for n in self._order))
         out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         if self._outputs is None:
             return out

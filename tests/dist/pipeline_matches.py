@@ -71,6 +71,8 @@ CASES: dict[str, tuple] = {
     "gpt-meta-1f1b": ("gpt-tiny", None, "1f1b", 1, {"dp": 2}),
     # planned by the solver itself (autoshard.plan with pp pinned), not assembled by the test
     "gpt-solver-1f1b": ("gpt-tiny", None, "1f1b", 1, {"dp": 2}),
+    # each stage's program under torch.compile (autoshard.compile(torch_compile=True))
+    "gpt-1f1b-torch-compile": ("gpt-tiny", None, "1f1b", 1, {"dp": 2}),
     "llama-solver-gpipe": ("llama-tiny", None, "gpipe", 1, {"dp": 2}),
     # combined with ZeRO, recomputation and bf16: the tied wte under ZeRO-2 has master shards on stages 0 and 3
     "gpt-zero1": ("gpt-tiny", None, "1f1b", 1, {"dp": 2}, {"zero_stage": 1}),
@@ -153,7 +155,9 @@ def check(name: str, models: dict) -> dict:
         compiled = autoshard.compile(meta, batches[0], plan=plan, optimizer="sgd", lr=LR, seed=0)
         problems = [f"parameter {n} is not one of this rank's stages'" for n in held_elsewhere(compiled, plan)]
     else:
-        compiled = autoshard.compile(model, batches[0], plan=plan, optimizer="sgd", lr=LR)
+        compiled = autoshard.compile(
+            model, batches[0], plan=plan, optimizer="sgd", lr=LR, torch_compile="torch-compile" in name
+        )
         problems = []
     if plan.training.precision == "bf16-mixed":
         initial = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}

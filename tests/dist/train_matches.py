@@ -62,6 +62,7 @@ class Case:
     # gradients over dp inside backward before FSDP reduce-scatters them (exact, but sent twice). A dim
     # dp does not divide adds FSDP's padding, rightly.
     comm_matches: bool = False
+    torch_compile: bool = False  # the program run through torch.compile (backend aot_eager)
 
 
 DP2TP2 = {"dp": 2, "tp": 2}
@@ -92,6 +93,11 @@ CASES: dict[str, Case] = {
     "tp-recompute": Case({"tp": 4}, {"recompute": ("selective", "full")}),
     "dp2xtp2-recompute": Case(DP2TP2, {"recompute": ("full", "selective")}),
     "dp2xtp2-zero3-recompute": Case(DP2TP2, {"zero_stage": 3, "recompute": ("full", "selective")}),
+    # the generated program under torch.compile: AOTAutograd's trace of DTensor's dispatch must compute
+    # what DTensor does, on dp alone (the gradient buckets), beside tp, over accumulated micro-batches
+    "dp-torch-compile": Case({"dp": 4}, torch_compile=True),
+    "dp2xtp2-torch-compile": Case(DP2TP2, torch_compile=True),
+    "dp2xtp2-accumulate-torch-compile": Case(DP2TP2, ACCUMULATE, torch_compile=True),
 }
 
 # a case "llama-tiny/dp2xtp2-zero1" runs that model; plain names gpt-tiny. gpt-odd is gpt-tiny with a
@@ -146,7 +152,7 @@ def check(name: str, model: nn.Module, batches: list, ref: SingleDeviceRun) -> d
     ref_losses, ref_grads, ref_params = ref
     model_name, _, key = name.rpartition("/")
     case = CASES[key]
-    options = {"optimizer": case.optimizer, "lr": LR[case.optimizer]}
+    options = {"optimizer": case.optimizer, "lr": LR[case.optimizer], "torch_compile": case.torch_compile}
     if case.mesh is None:
         compiled = autoshard.compile(model, batches[0], cluster=f"cpu:{dist.get_world_size()}", **options)
         plan = compiled.plan
