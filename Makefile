@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/recompute_memory.py
 	$(PY) benchmarks/megatron_table1.py
 	$(PY) benchmarks/runtime_vs_torch.py
+	$(PY) benchmarks/time_limit.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -178,6 +178,20 @@ def test_plan_totals_equal_the_ilp_objective_and_folding_is_exact(name: str) -> 
     assert folded.predicted.step_time_s == pytest.approx(flat.predicted.step_time_s, rel=1e-6)
 
 
+def test_a_limit_spent_on_building_the_problem_still_returns_a_plan_with_its_gap() -> None:
+    """time_limit_s bounds the whole plan: with 0 s, construction uses it all, HiGHS never runs, and the
+    plan is the reductions' incumbent with its gap to a lower bound (no better than the solved plan)."""
+    cluster, mesh = Cluster.parse("cpu:4"), MeshSpec.of({"dp": 2, "tp": 2})
+    quick = plan_on_mesh(_tiny_ir(), cluster, mesh, time_limit_s=0.0)
+    solved = plan_on_mesh(_tiny_ir(), cluster, mesh, time_limit_s=math.inf)
+    assert solved.solver.status == "optimal"
+    assert quick.predicted.step_time_s == pytest.approx(quick.solver.objective_s, rel=1e-9)
+    assert quick.solver.objective_s >= solved.solver.objective_s * (1 - 1e-9)
+    assert quick.solver.status == "feasible" and 0 < quick.solver.gap <= 1
+    # the gap's bound is below the optimum
+    assert quick.solver.objective_s * (1 - quick.solver.gap) <= solved.solver.objective_s * (1 + 1e-9)
+
+
 def test_same_input_gives_the_same_plan() -> None:
     a = plan_on_mesh(_tiny_ir(), Cluster.parse("cpu:4"), MeshSpec.of({"dp": 2, "tp": 2}))
     b = plan_on_mesh(_tiny_ir(), Cluster.parse("cpu:4"), MeshSpec.of({"dp": 2, "tp": 2}))

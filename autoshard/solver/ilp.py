@@ -106,7 +106,7 @@ class _Pair(NamedTuple):
 class _Reduction:
     """The problem with every exact simplification applied; positions index the surviving options."""
 
-    def __init__(self, problem: Problem) -> None:
+    def __init__(self, problem: Problem, deadline: float = math.inf) -> None:
         self.problem = problem
         self.names = [node.name for node in problem.nodes]
         self.options = [list(node.allowed_options()) for node in problem.nodes]
@@ -125,10 +125,11 @@ class _Reduction:
         self._merge_parallel_edges()
         self._drop_options_that_cannot_fit()
         changed = True
-        while changed:
+        while changed and time.perf_counter() < deadline:  # each step is exact: stopping early only leaves more to the ILP
             changed = self._relax_slack_memory_limit()
             changed |= self._fold_separable_edges()
-            changed |= self._drop_dominated_options()
+            if time.perf_counter() < deadline:
+                changed |= self._drop_dominated_options()
 
     @property
     def free(self) -> list[int]:
@@ -252,6 +253,25 @@ class _Reduction:
         terms += [matrix[pos[pair.first]][pos[pair.second]] for pair, matrix in self.edges.items()]
         return math.fsum(terms)
 
+    def relaxed_bound(self) -> float:
+        """A lower bound on every assignment's objective: each node and each edge at its own cheapest,
+        consistency and the memory limit ignored. What a gap is measured against when the ILP gave none."""
+        terms = [min(cost) for cost in self.cost]
+        terms += [min(min(row) for row in matrix) for matrix in self.edges.values()]
+        return math.fsum(terms)
+
+    def ilp_size(self) -> tuple[int, int]:
+        """(variables, constraints) of the ILP `_IlpModel` writes for this reduction, without writing it."""
+        variables = sum(len(self.options[v]) for v in self.free)
+        constraints = len(self.free)
+        for matrix in self.edges.values():
+            variables += len(matrix) * len(matrix[0])
+            constraints += len(matrix) + len(matrix[0])
+        least = [min(mem) for mem in self.memory]
+        if self.limit is not None and any(m > least[v] for v in self.free for m in self.memory[v]):
+            constraints += 1
+        return variables, constraints
+
     def overshoot(self, pos: list[int]) -> float:
         """Bytes per device by which the assignment exceeds the limit; 0 when it fits."""
         if self.limit is None:
@@ -359,8 +379,9 @@ class _IlpModel:
     ``y`` of a merged edge form one block of consecutive ids, row-major, found by :meth:`y_id`.
     """
 
-    def __init__(self, reduction: _Reduction) -> None:
+    def __init__(self, reduction: _Reduction, deadline: float = math.inf) -> None:
         self.r = reduction
+        self.deadline = deadline
         self.free = reduction.free
         self.x: dict[ChoiceVar, int] = {}
         self.x_ids: dict[int, list[int]] = {}  # node position -> ids of its x, by option position
@@ -373,8 +394,10 @@ class _IlpModel:
         self._add_choice_variables()
         self._add_edge_marginals()
         self._add_memory_limit()
+        self._check_time()
         proto = self._set_objective(model_pb2.ModelProto(name="autoshard-plan"))
         self._write_variables_and_rows(proto)
+        self._check_time()
         self.model = mathopt.Model.from_model_proto(proto)
         self.memory_row = (
             self.model.get_linear_constraint(self._memory_row) if self._memory_row is not None else None
@@ -413,9 +436,15 @@ class _IlpModel:
                 self.x[ChoiceVar(node=self.r.names[v], option=option)] = var
             self._rows.add(ids, [1.0] * len(ids), lower=1.0, upper=1.0)
 
+    def _check_time(self) -> None:
+        if time.perf_counter() > self.deadline:
+            raise _OutOfTime
+
     def _add_edge_marginals(self) -> None:
         """y_{uv,s,t} in [0, 1]; sum_t y = x_{u,s} for every s and sum_s y = x_{v,t} for every t."""
-        for pair, matrix in self.r.edges.items():
+        for k, (pair, matrix) in enumerate(self.r.edges.items()):
+            if k % 1024 == 0:
+                self._check_time()
             rows, cols = len(matrix), len(matrix[0])
             block = self.y_blocks[pair] = self._new_variables(rows * cols, integer=False)
             xu, xv = self.x_ids[pair.first], self.x_ids[pair.second]
@@ -531,6 +560,10 @@ class _IlpModel:
         return True
 
 
+class _OutOfTime(Exception):
+    """The time limit passed while the ILP was being written."""
+
+
 # ------------------------------------------------------------------------------------------- solve
 
 
@@ -596,7 +629,9 @@ def solve(problem: Problem, *, time_limit_s: float | None = None, relative_gap: 
 
     Raises :class:`~autoshard.solver.problem.NoFeasiblePlan` when no assignment fits, saying how much
     memory per device the leanest one needs. On the time limit, returns the best plan found with status
-    ``"feasible"`` and its proven gap.
+    ``"feasible"`` and its proven gap. The limit covers the whole call: the reductions and writing the
+    ILP count, and a limit that passes before HiGHS starts returns the reductions' incumbent, its gap
+    measured against the relaxation's bound (`_Reduction.relaxed_bound`).
     """
     start = time.perf_counter()
     if time_limit_s is None:
@@ -605,19 +640,26 @@ def solve(problem: Problem, *, time_limit_s: float | None = None, relative_gap: 
     error = infeasibility(problem)
     if error is not None:
         raise error
-    reduction = _Reduction(problem)
+    deadline = start + time_limit_s
+    reduction = _Reduction(problem, deadline)
     incumbent = reduction.polish(reduction.leanest())
     if reduction.free:
-        ilp = _IlpModel(reduction)
-        size = (ilp.num_variables, ilp.num_constraints)
-        outcome = _search(ilp, incumbent, deadline=start + time_limit_s, relative_gap=relative_gap)
+        size = reduction.ilp_size()
+        # out of time before HiGHS could start: the incumbent, with its gap to the relaxation's bound
+        outcome = _MipOutcome(positions=incumbent, bound=-math.inf, gap=1.0, optimal=False)
+        try:
+            if time.perf_counter() < deadline:
+                ilp = _IlpModel(reduction, deadline)
+                outcome = _search(ilp, incumbent, deadline=deadline, relative_gap=relative_gap)
+        except _OutOfTime:
+            pass
     else:  # the reductions alone decided the plan
         size, outcome = (0, 0), _MipOutcome(positions=incumbent, bound=math.inf, gap=0.0, optimal=True)
     positions, optimal = outcome.positions, outcome.optimal
     assert positions is not None
     choices = reduction.choices(positions)
     priced = evaluate(problem, choices)
-    bound, gap = _gap(priced.objective, outcome.bound)
+    bound, gap = _gap(priced.objective, max(outcome.bound, reduction.relaxed_bound() if reduction.free else -math.inf))
     if outcome.gap < gap:  # HiGHS's own measure, free of the rounding in rescaling its bound
         gap = outcome.gap
         bound = priced.objective * (1.0 - gap)
