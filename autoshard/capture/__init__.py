@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from autoshard.capture.build import build_graph_ir
 from autoshard.capture.calls import Call, as_call, find_loss
 from autoshard.capture.loss_reduction import reduction_at_capture
 from autoshard.capture.export import export_model
+from autoshard.capture.resize import SymbolicBatch, graph_signature
 from autoshard.capture.inputs import model_device, normalize_inputs
 from autoshard.hints import checking_module_hints, record_module_names, step_hints
 from autoshard.ir.graph import GraphIR
@@ -47,7 +49,25 @@ def capture(
     with checking_module_hints(model):  # a module hint that never took effect is refused, not dropped
         exported = export_model(model, call)
     batch = _batch_size(call)
+    # other batch sizes (the step search's micro-batches) from one symbolic-batch export, checked
+    # against this one before the loss rewrite below changes its graph (capture/resize.py)
+    recapture = _Recapture(model, call, loss_reduction, loss_in_graph, graph_signature(exported), batch) if batch else None
+    return _graph_ir(model, call, exported, batch, recapture, loss_reduction, loss_in_graph)
+
+
+def _graph_ir(
+    model: nn.Module,
+    call: Call,
+    exported: ExportedProgram,
+    batch: int | None,
+    recapture: _Recapture | None,
+    loss_reduction: str | None,
+    loss_in_graph: bool,
+) -> GraphIR:
+    """The GraphIR of `exported`: the loss found and its reduction read (the graph rewritten to return
+    the numerator), shapes, costs and parameter identities."""
     loss = find_loss(exported)
+
     def export_at(rows: int) -> tuple[Any, int | None]:  # the same model at another batch, to tell x.shape[0]
         other = export_model(model, _resized(call, rows))
         return other, find_loss(other).index
@@ -55,13 +75,7 @@ def capture(
     reduction = reduction_at_capture(exported, loss.index, batch, loss_reduction, loss_in_graph, export_at)
     loss = dataclasses.replace(loss, reduction=reduction)
     ir = build_graph_ir(model, exported)  # after the rewrite: the planner prices the graph that runs
-    return dataclasses.replace(
-        ir,
-        batch_size=batch,
-        recapture=_Recapture(model, call, loss_reduction, loss_in_graph) if batch else None,
-        step_hints=step_hints(model),
-        loss=loss,
-    )
+    return dataclasses.replace(ir, batch_size=batch, recapture=recapture, step_hints=step_hints(model), loss=loss)
 
 
 def _batch_size(call: Call) -> int | None:
@@ -78,15 +92,32 @@ def _resized(call: Call, batch: int) -> Call:
 
 
 class _Recapture:
-    """Capture the same model on the same inputs resized to another batch (dim 0)."""
+    """Capture the same model on the same inputs resized to another batch (dim 0): specialised from one
+    symbolic-batch export where that is exact (capture/resize.py), else exported at that size."""
 
-    def __init__(self, model: nn.Module, call: Call, loss_reduction: str | None, loss_in_graph: bool) -> None:
+    def __init__(
+        self, model: nn.Module, call: Call, loss_reduction: str | None, loss_in_graph: bool,
+        reference: list[tuple], rows: int,
+    ) -> None:
         self.model, self.call = model, call
         self.loss_reduction, self.loss_in_graph = loss_reduction, loss_in_graph
+        self.symbolic = SymbolicBatch(model, call, reference, rows, self._export_symbolic)
+
+    def _export_symbolic(self, model: nn.Module, args: Any, kwargs: Any, dynamic_shapes: Any) -> ExportedProgram:
+        with checking_module_hints(model):
+            return export_model(model, Call(args=args, kwargs=kwargs), dynamic_shapes=dynamic_shapes)
+
+    def expect(self, sizes: Iterable[int]) -> None:
+        """The batch sizes a search will ask for: the symbolic export (~3 concrete exports' time) is
+        made only when enough of them lie in its range to pay for it (`SymbolicBatch.worth_it`)."""
+        self.symbolic.expect(sizes)
 
     def __call__(self, batch: int) -> GraphIR:
         resized = _resized(self.call, batch)
-        return capture(
-            self.model, resized.args, resized.kwargs,
-            loss_reduction=self.loss_reduction, loss_in_graph=self.loss_in_graph,
-        )  # fmt: skip
+        exported = self.symbolic.at(batch)
+        if exported is None:
+            return capture(
+                self.model, resized.args, resized.kwargs,
+                loss_reduction=self.loss_reduction, loss_in_graph=self.loss_in_graph,
+            )  # fmt: skip
+        return _graph_ir(self.model, resized, exported, batch, self, self.loss_reduction, self.loss_in_graph)

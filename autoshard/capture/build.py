@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,7 +27,8 @@ def build_graph_ir(model: nn.Module, exported: ExportedProgram) -> GraphIR:
     """Walk the exported graph once, recording shapes, module paths, costs and parameter identities."""
     kinds = _placeholder_kinds(exported)
     params = _param_infos(model, exported)
-    trainable = {n for p in params for n in p.nodes if _is_trainable(model, exported, n)}
+    to_parameters = exported.graph_signature.inputs_to_parameters  # a fresh dict per access: read once
+    trainable = {n for p in params for n in p.nodes if _is_trainable(model, to_parameters, n)}
     grads: dict[str, bool] = {}
     nodes: list[NodeInfo] = []
     saved: dict[str, Saved | None] = {}
@@ -104,8 +106,8 @@ def _param_infos(model: nn.Module, exported: ExportedProgram) -> tuple[ParamInfo
     )
 
 
-def _is_trainable(model: nn.Module, exported: ExportedProgram, node_name: str) -> bool:
-    target = exported.graph_signature.inputs_to_parameters.get(node_name)
+def _is_trainable(model: nn.Module, to_parameters: Mapping[str, str], node_name: str) -> bool:
+    target = to_parameters.get(node_name)
     return target is not None and model.get_parameter(target).requires_grad
 
 

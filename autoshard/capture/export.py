@@ -6,6 +6,7 @@ import linecache
 import os
 import traceback
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,10 +21,10 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _AUTOSHARD_DIR = os.path.dirname(os.path.dirname(__file__))
 
 
-def export_model(model: nn.Module, call: Call) -> ExportedProgram:
+def export_model(model: nn.Module, call: Call, dynamic_shapes: Any = None) -> ExportedProgram:
     """torch.export.export(model, args, kwargs, strict=False), with failures reported at the user's line."""
     try:
-        return torch.export.export(model, call.args, kwargs=dict(call.kwargs), strict=False)
+        return torch.export.export(model, call.args, kwargs=dict(call.kwargs), dynamic_shapes=dynamic_shapes, strict=False)
     except AutoshardError:
         raise  # our own hints refused something during tracing: that message is already precise
     except Exception as exc:  # noqa: BLE001 - every export failure is re-raised with a location

@@ -43,11 +43,21 @@ def normalize_inputs(call: Call, device: torch.device) -> Call:
     """The call with its leaves on the model's device, refusing leaves export cannot take.
 
     Only shapes and dtypes matter for capture, so a tensor on another device is replaced by an
-    uninitialised tensor of the same shape on the model's device (free on meta).
+    uninitialised tensor of the same shape on the model's device (free on meta). So is a tensor passed
+    a second time (`model(idx, idx)`): export would merge the two inputs into one placeholder, and a
+    capture at another batch size (separate tensors) would then be another graph.
     """
     args = tuple(_normalize_leaf(x, f"example_inputs[{i}]", device) for i, x in enumerate(call.args))
     kwargs = {k: _normalize_leaf(v, f"example_inputs[{k!r}]", device) for k, v in call.kwargs.items()}
-    return Call(args=args, kwargs=kwargs)
+    seen: set[int] = set()
+
+    def once(x: torch.Tensor) -> torch.Tensor:
+        if id(x) in seen:
+            return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        seen.add(id(x))
+        return x
+
+    return Call(args=args, kwargs=kwargs).map_tensors(once)
 
 
 def _normalize_leaf(x: object, where: str, device: torch.device) -> Any:

@@ -155,6 +155,9 @@ def search_step(
                 f"({reduction.dp_split or reduction.splits}); declare loss_reduction='mean' or 'sum' to "
                 "autoshard.plan/compile, or write the loss as one mean or sum reduction"
             )
+    expect = getattr(ir.recapture, "expect", None)
+    if expect is not None:  # the sizes the replica plans will be captured at (capture/resize.py)
+        expect({mbs for dp, _, pp in meshes for mbs in _micro_batch_sizes(ir.batch_size // dp, pp, fixed.micro_batch_size)})
     for dp, tp, pp in meshes:
         replica = ir.batch_size // dp
         for mbs in _micro_batch_sizes(replica, pp, fixed.micro_batch_size):
