@@ -76,3 +76,29 @@ def test_a_model_without_a_symbolic_batch_is_exported_at_each_size() -> None:
     assert ir.recapture.symbolic.reason  # says why
     with pytest.raises(autoshard.CaptureError):  # the model itself cannot run at 4 rows
         ir.recapture(4)
+
+
+class _EvenBatch(nn.Module):
+    """Runs only on an even batch of at least 6 rows: export's guards say so, its range ([2, inf]) does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        torch._check(b % 2 == 0)
+        return self.lin(x).view(b // 2, 2, 4).sum()
+
+
+def test_sizes_the_symbolic_export_assumed_away_are_exported_concretely() -> None:
+    model = _EvenBatch()
+    ir = autoshard.capture(model, (torch.zeros(8, 4),))
+    ir.recapture.expect(range(2, 12))
+    symbolic = ir.recapture.symbolic
+    for rows in (4, 6, 10):
+        exported = symbolic.at(rows)
+        assert exported is not None, (rows, symbolic.reason)
+        assert graph_signature(exported) == graph_signature(export_model(model, as_call((torch.zeros(rows, 4),))))
+    for rows in (2, 3, 5):  # 2 // 2 == 1 is guarded out, odd sizes too
+        assert symbolic.at(rows) is None

@@ -15,9 +15,10 @@ the concrete graph is checked, not assumed: the symbolic export is specialised t
 was captured at and compared node by node (target, arguments, names, shapes) with that capture's own
 export; only if they are equal is it used for other sizes (tests/test_capture_resize.py runs the zoo).
 
-It is used only where export's own guarantee covers the size: the batch is the graph's one symbol
-and the size lies in the range export proved (`ExportedProgram.range_constraints`; export
-specialises size 1, so size 1 is exported concretely). Anything else -- the export fails, the batch
+It is used only where export's own guarantee covers the size: the batch is the graph's one symbol,
+the size lies in the range export proved (`ExportedProgram.range_constraints`; export specialises
+size 1, so size 1 is exported concretely), and every guard export's trace assumed of the batch holds
+at that size (the range alone does not say so: `view(b // 2, 2, ...)` guards b even, b // 2 != 1). Anything else -- the export fails, the batch
 is specialised, another symbol appears, the check differs -- falls back to a concrete export per size,
 and `SymbolicBatch.reason` says why.
 """
@@ -67,6 +68,7 @@ class SymbolicBatch:
         self._exported: ExportedProgram | None = None
         self._symbol: Any = None
         self._range: Any = None
+        self._guards: list[Any] = []  # what export assumed of the batch (shape guards, runtime asserts)
         self._tried = False
         self._expected: set[int] = set()
         self.reason = "not exported yet"
@@ -91,7 +93,23 @@ class SymbolicBatch:
             return None
         if not (rows >= 2 and bool(self._range.lower <= rows) and bool(rows <= self._range.upper)):
             return None
-        return specialize(self._exported, {self._symbol: rows})
+        if not self._holds(rows):  # say, the model needs an even batch: a concrete export tells
+            return None
+        try:
+            return specialize(self._exported, {self._symbol: rows})
+        except SizeOutOfRange:  # the model's own runtime asserts rule this size out: export it to see
+            return None
+
+    def _holds(self, rows: int) -> bool:
+        """Whether every assumption export made of the batch holds at `rows`: only then is the symbolic
+        graph the model's graph at that size (its range alone does not say so: `view(b // 2, 2, ...)`
+        guards b even, and b // 2 != 1)."""
+        value = {self._symbol: sympy.Integer(rows)}
+        for expr in self._guards:
+            held = expr.xreplace(value)
+            if held.free_symbols or not bool(held):
+                return False
+        return True
 
     def _prepare(self) -> None:
         args, kwargs = self.call.args, dict(self.call.kwargs)
@@ -118,8 +136,33 @@ class SymbolicBatch:
         if not same:
             self.reason = f"specialised to the captured batch ({self.rows}), it differs from that batch's own export"
             return
+        shape_env = _shape_env(ep)
+        if shape_env is None:
+            self.reason = "the symbolic export has no shape environment to read its guards from"
+            return
+        guards = [g.expr for g in shape_env.guards]
+        guards += [a.expr for asserts in shape_env.deferred_runtime_asserts.values() for a in asserts]
+        # in terms of the batch symbol: export unified the inputs' dims into it (s97 -> s72)
+        self._guards = [_in_terms_of(e, dict(shape_env.replacements)) for e in guards]
         self._symbol, self._range, self._exported = symbol, ep.range_constraints[symbol], ep
         self.reason = ""
+
+
+def _in_terms_of(expr: Any, replacements: dict[Any, Any]) -> Any:
+    for _ in range(8):  # replacements may chain; a handful of rounds reaches the representatives
+        replaced = expr.xreplace(replacements)
+        if replaced == expr:
+            break
+        expr = replaced
+    return expr
+
+
+def _shape_env(ep: ExportedProgram) -> Any:
+    for n in ep.graph.nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and getattr(val, "fake_mode", None) is not None:
+            return val.fake_mode.shape_env
+    return None
 
 
 def _user_batch_dims(ep: ExportedProgram) -> list[Any]:
@@ -186,7 +229,8 @@ def specialize(ep: ExportedProgram, values: dict[Any, int]) -> ExportedProgram:
             continue
         if node.op not in ("placeholder", "call_function"):
             raise ValueError(f"unexpected {node.op} node {node.name}")
-        if node.target in _SIZE_CHECKS:
+        if node.target in _SIZE_CHECKS:  # export's runtime asserts (say, an even batch) must hold here
+            _check_size_assert(node, fx.map_arg(node.args, arg), fx.map_arg(node.kwargs, arg))
             continue
         old = node.meta.get("val")
         if node.op == "call_function" and (isinstance(old, _SYMBOLS) or node.target in _SIZE_QUERIES):
@@ -221,6 +265,22 @@ def specialize(ep: ExportedProgram, values: dict[Any, int]) -> ExportedProgram:
     out._graph_signature = copy.deepcopy(ep.graph_signature)
     out._module_call_graph = copy.deepcopy(ep.module_call_graph)
     return out
+
+
+class SizeOutOfRange(ValueError):
+    """A size the symbolic graph's own asserts rule out."""
+
+
+def _check_size_assert(node: fx.Node, args: tuple, kwargs: dict) -> None:
+    if node.target is aten._assert_scalar.default:
+        if not args[0]:
+            raise SizeOutOfRange(f"{node.name}: {args[1] if len(args) > 1 else 'assert'}")
+        return
+    size = args[0]
+    low = kwargs.get("min", args[1] if len(args) > 1 else None)
+    high = kwargs.get("max", args[2] if len(args) > 2 else None)
+    if (low is not None and size < low) or (high is not None and size > high):
+        raise SizeOutOfRange(f"{node.name}: {size} outside [{low}, {high}]")
 
 
 def _val(x: Any) -> Any:
