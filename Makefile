@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/megatron_table1.py
 	$(PY) benchmarks/runtime_vs_torch.py
 	$(PY) benchmarks/time_limit.py
+	$(PY) benchmarks/planning_scaling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -102,6 +102,7 @@ class _Recapture:
         self.model, self.call = model, call
         self.loss_reduction, self.loss_in_graph = loss_reduction, loss_in_graph
         self.symbolic = SymbolicBatch(model, call, reference, rows, self._export_symbolic)
+        self.how = ""  # how the last capture was made, for progress messages
 
     def _export_symbolic(self, model: nn.Module, args: Any, kwargs: Any, dynamic_shapes: Any) -> ExportedProgram:
         with checking_module_hints(model):
@@ -114,7 +115,13 @@ class _Recapture:
 
     def __call__(self, batch: int) -> GraphIR:
         resized = _resized(self.call, batch)
+        prepared = self.symbolic.prepared
         exported = self.symbolic.at(batch)
+        made = ""
+        if not prepared and self.symbolic.prepared:
+            reason = self.symbolic.reason
+            made = f"symbolic-batch export not usable: {reason}; " if reason else "symbolic-batch export made; "
+        self.how = made + ("exported" if exported is None else "specialised from the symbolic-batch export")
         if exported is None:
             return capture(
                 self.model, resized.args, resized.kwargs,

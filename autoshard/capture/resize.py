@@ -79,6 +79,11 @@ class SymbolicBatch:
         self._expected |= {s for s in sizes if s >= 2 and s != self.rows}
 
     @property
+    def prepared(self) -> bool:
+        """Whether the symbolic export has been tried."""
+        return self._tried
+
+    @property
     def worth_it(self) -> bool:
         return len(self._expected) >= WORTH_IT_SIZES
 

@@ -356,7 +356,8 @@ class _Chains:
                     f"the model cannot be captured at batch {batch}: {str(exc).splitlines()[0]}"
                 )
                 raise self.capture_failures[batch] from exc
-            self.say(f"captured {self.ir.model_type} at batch {batch} ({time.perf_counter() - t:.1f} s)")
+            how = getattr(self.ir.recapture, "how", "")
+            self.say(f"captured {self.ir.model_type} at batch {batch} ({how + ', ' if how else ''}{time.perf_counter() - t:.1f} s)")
         return self.graphs[batch]
 
     def get(self, tp: int, mbs: int) -> Chain:
