@@ -18,9 +18,9 @@ export; only if they are equal is it used for other sizes (tests/test_capture_re
 It is used only where export's own guarantee covers the size: the batch is the graph's one symbol,
 the size lies in the range export proved (`ExportedProgram.range_constraints`; export specialises
 size 1, so size 1 is exported concretely), and every guard export's trace assumed of the batch holds
-at that size (the range alone does not say so: `view(b // 2, 2, ...)` guards b even, b // 2 != 1). Anything else -- the export fails, the batch
-is specialised, another symbol appears, the check differs -- falls back to a concrete export per size,
-and `SymbolicBatch.reason` says why.
+at that size (the range alone does not say so: `view(b // 2, 2, ...)` guards b even, b // 2 != 1).
+Anything else -- the export fails, the batch is specialised, another symbol appears, the check
+differs -- falls back to a concrete export per size, and `SymbolicBatch.reason` says why.
 """
 
 from __future__ import annotations

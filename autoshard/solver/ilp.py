@@ -624,16 +624,20 @@ def _search(ilp: _IlpModel, incumbent: list[int], *, deadline: float, relative_g
     return _MipOutcome(positions=incumbent, bound=first.bound, gap=1.0, optimal=False)
 
 
-def solve(problem: Problem, *, time_limit_s: float | None = None, relative_gap: float = 1e-4) -> Solution:
+def solve(
+    problem: Problem, *, time_limit_s: float | None = None, relative_gap: float = 1e-4, started: float | None = None
+) -> Solution:
     """The cheapest assignment of allowed options that fits the memory limit.
 
     Raises :class:`~autoshard.solver.problem.NoFeasiblePlan` when no assignment fits, saying how much
     memory per device the leanest one needs. On the time limit, returns the best plan found with status
     ``"feasible"`` and its proven gap. The limit covers the whole call: the reductions and writing the
     ILP count, and a limit that passes before HiGHS starts returns the reductions' incumbent, its gap
-    measured against the relaxation's bound (`_Reduction.relaxed_bound`).
+    measured against the relaxation's bound (`_Reduction.relaxed_bound`). `started` (a
+    `time.perf_counter()` reading, default: now) is when the limit began: the planner counts its
+    pricing of the options in.
     """
-    start = time.perf_counter()
+    start = time.perf_counter() if started is None else started
     if time_limit_s is None:
         time_limit_s = DEFAULT_TIME_LIMIT_S
     _check_arguments(problem, time_limit_s, relative_gap)
@@ -659,7 +663,7 @@ def solve(problem: Problem, *, time_limit_s: float | None = None, relative_gap: 
     assert positions is not None
     choices = reduction.choices(positions)
     priced = evaluate(problem, choices)
-    bound, gap = _gap(priced.objective, max(outcome.bound, reduction.relaxed_bound() if reduction.free else -math.inf))
+    bound, gap = _gap(priced.objective, max(outcome.bound, reduction.relaxed_bound()))
     if outcome.gap < gap:  # HiGHS's own measure, free of the rounding in rescaling its bound
         gap = outcome.gap
         bound = priced.objective * (1.0 - gap)

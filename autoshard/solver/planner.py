@@ -28,7 +28,6 @@ from autoshard.ir.plan import NodeDecision, Plan, PlannedCollective, Prediction,
 from autoshard.solver.axis_choices import AxisChoices
 from autoshard.solver.blocks import FoldedEdge, FoldedGraph, fold_blocks, repeated_blocks, unit_of
 from autoshard.solver.followers import Follow, find_followers, resolve
-from autoshard.solver import ilp
 from autoshard.solver.ilp import solve
 from autoshard.solver.pricing import OptionPrice, Pricer, producer_output_index
 from autoshard.solver.problem import EdgeCosts, NodeChoices, Problem
@@ -128,7 +127,7 @@ def _plan_on_mesh(
         ),
         memory_limit=limit,
     )
-    solution = solve(problem, time_limit_s=_remaining(time_limit_s, start))
+    solution = solve(problem, time_limit_s=time_limit_s, started=start)  # the limit covers the pricing too
     index = dict(solution.choices)
     for name, f in follows.items():  # topological: a leader is decided before its followers
         index[name] = f.options[index[f.leader]]
@@ -155,15 +154,6 @@ def _plan_on_mesh(
             folded_blocks=dict(folded.blocks),
         ),
     )
-
-
-def _remaining(time_limit_s: float | None, start: float) -> float | None:
-    """What is left of `time_limit_s` (None: the solver's default) since `start`: the limit bounds the
-    whole plan, the ILP's construction included. A bad value goes to `solve` as it is, to be refused."""
-    limit = ilp.DEFAULT_TIME_LIMIT_S if time_limit_s is None else time_limit_s
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
-        return time_limit_s
-    return max(0.0, limit - (time.perf_counter() - start))
 
 
 # ---- units and their options -------------------------------------------------------------------
